@@ -1,0 +1,70 @@
+"""The ONNX Runtime backend (CPU default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from facestream.engines.export import cached_export
+from facestream.engines.networks import FlowResult, Networks
+from facestream.engines.weights import WeightSet, read_metadata
+from facestream.models.config import config_from_json
+
+
+def _config(weights: WeightSet, name: str):
+    return config_from_json(read_metadata(weights.paths[name])["config"])
+
+
+class OrtNetworks(Networks):
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        weights: WeightSet,
+        *,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+        graphs: dict[str, Path] | None = None,
+    ) -> None:
+        graphs = graphs if graphs is not None else cached_export(weights)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.sessions = {
+            name: ort.InferenceSession(str(path), options, providers=self.providers)
+            for name, path in graphs.items()
+        }
+        super().__init__(
+            _config(weights, "segmentation"),
+            _config(weights, "flow"),
+            has_policy="policy" in self.sessions,
+            has_dvsnet="dvsnet" in self.sessions,
+        )
+
+    def _run(self, name: str, **inputs: np.ndarray) -> list[np.ndarray]:
+        feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
+        return self.sessions[name].run(None, feed)
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        return self._run("segmentation_features", image=images)[0]
+
+    def _task(self, features: np.ndarray) -> np.ndarray:
+        return self._run("segmentation_task", features=features)[0]
+
+    def flow(self, pairs: np.ndarray) -> FlowResult:
+        return FlowResult(*self._run("flow", pair=pairs))
+
+    def warp(self, features: np.ndarray, flow: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        return self._run("warp", features=features, flow=flow, scale=scale)[0]
+
+    def key_probability(self, conv6: np.ndarray, expert: np.ndarray) -> np.ndarray:
+        self._require("policy", self.has_policy)
+        return self._run("policy", conv6=conv6, expert=expert)[0]
+
+    def dvsnet_score(self, conv6: np.ndarray) -> np.ndarray:
+        self._require("dvsnet", self.has_dvsnet)
+        return self._run("dvsnet", conv6=conv6)[0]

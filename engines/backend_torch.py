@@ -1,0 +1,64 @@
+"""The PyTorch backend (reference implementation; CPU or CUDA)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from facestream.engines.networks import FlowResult, Networks
+from facestream.engines.weights import WeightSet
+from facestream.models import warp
+
+
+class TorchNetworks(Networks):
+    backend = "torch"
+
+    def __init__(
+        self, weights: WeightSet, *, device: str = "cpu", threads: int | None = None
+    ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.segmentation_net = weights.load("segmentation").to(self.device)
+        self.flow_net = weights.load("flow").to(self.device)
+        self.policy_net = weights.load("policy").to(self.device) if weights.has("policy") else None
+        self.dvsnet_net = weights.load("dvsnet").to(self.device) if weights.has("dvsnet") else None
+        super().__init__(
+            self.segmentation_net.config,
+            self.flow_net.config,
+            has_policy=self.policy_net is not None,
+            has_dvsnet=self.dvsnet_net is not None,
+        )
+
+    def _in(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
+
+    @staticmethod
+    def _out(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.detach().float().cpu().numpy()
+
+    @torch.inference_mode()
+    def features(self, images: np.ndarray) -> np.ndarray:
+        return self._out(self.segmentation_net.features(self._in(images)))
+
+    @torch.inference_mode()
+    def _task(self, features: np.ndarray) -> np.ndarray:
+        return self._out(self.segmentation_net.task(self._in(features)))
+
+    @torch.inference_mode()
+    def flow(self, pairs: np.ndarray) -> FlowResult:
+        out = self.flow_net(self._in(pairs))
+        return FlowResult(self._out(out.flow), self._out(out.scale), self._out(out.conv6))
+
+    @torch.inference_mode()
+    def warp(self, features: np.ndarray, flow: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        return self._out(warp(self._in(features), self._in(flow), self._in(scale)))
+
+    @torch.inference_mode()
+    def key_probability(self, conv6: np.ndarray, expert: np.ndarray) -> np.ndarray:
+        self._require("policy", self.policy_net is not None)
+        return self._out(self.policy_net.key_probability(self._in(conv6), self._in(expert)))
+
+    @torch.inference_mode()
+    def dvsnet_score(self, conv6: np.ndarray) -> np.ndarray:
+        self._require("dvsnet", self.dvsnet_net is not None)
+        return self._out(self.dvsnet_net(self._in(conv6)))

@@ -1,0 +1,166 @@
+"""The engine's subcommands: ``segment``, ``export`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from facestream.engines.backends import BACKENDS, DEFAULT_BACKEND
+from facestream.engines.export import export_onnx
+from facestream.engines.schedulers import SCHEDULERS
+from facestream.engines.segment import SegmentOptions, run_segment
+from facestream.engines.weights import WeightsError, find_weights
+
+_KNOB_FLAGS = {"interval": "fixed", "rate": "random", "threshold": "flow|dvsnet", "tau": "rl"}
+
+
+def _fail(command: str, error: Exception) -> int:
+    print(f"facestream {command}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def _weights_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--weights",
+        metavar="DIR",
+        help="folder with segmentation/flow/policy/dvsnet .safetensors "
+        "(default: $FACESTREAM_WEIGHTS, else the weights shipped with the package)",
+    )
+
+
+def _knob(args: argparse.Namespace) -> float | None:
+    """The one knob flag given, checked against the scheduler it belongs to."""
+    given = {name: getattr(args, name) for name in _KNOB_FLAGS if getattr(args, name) is not None}
+    if len(given) > 1:
+        raise ValueError(f"give at most one of --{', --'.join(given)}")
+    if not given:
+        return None
+    ((name, value),) = given.items()
+    owner = SCHEDULERS[args.scheduler].knob
+    if owner != name:
+        raise ValueError(
+            f"--{name} applies to the {_KNOB_FLAGS[name]} scheduler, not {args.scheduler!r}"
+        )
+    return value
+
+
+class SegmentCommand:
+    name = "segment"
+    help = "segment faces in a video file, webcam (index) or rtsp:// stream"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("input", help="video file, webcam index (0, 1, ...) or rtsp:// URL")
+        parser.add_argument(
+            "--scheduler",
+            choices=sorted(SCHEDULERS),
+            default="fixed",
+            help="key scheduler (default: fixed)",
+        )
+        parser.add_argument("--interval", type=int, help="fixed: key every N frames (default 30)")
+        parser.add_argument("--rate", type=float, help="random: key probability per frame")
+        parser.add_argument(
+            "--threshold",
+            type=float,
+            help="flow: mean flow magnitude in pixels; dvsnet: predicted score",
+        )
+        parser.add_argument("--tau", type=float, help="rl: key when pi(key|s) > tau (default 0.5)")
+        parser.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND)
+        parser.add_argument(
+            "--size", type=int, help="face crop side in pixels (must match the weights)"
+        )
+        _weights_argument(parser)
+        parser.add_argument(
+            "--out", type=Path, metavar="VIDEO", help="write an overlay video (mp4)"
+        )
+        parser.add_argument(
+            "--masks", type=Path, metavar="DIR", help="write one PNG of class ids per frame"
+        )
+        parser.add_argument("--report", type=Path, metavar="JSON", help="write the run report")
+        parser.add_argument("--max-frames", type=int, help="stop after N frames")
+        parser.add_argument("--threads", type=int, help="CPU threads for inference")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(self, args: argparse.Namespace) -> int:
+        try:
+            options = SegmentOptions(
+                source=args.input,
+                scheduler=args.scheduler,
+                knob=_knob(args),
+                backend=args.backend,
+                size=args.size,
+                weights=args.weights,
+                out=args.out,
+                masks=args.masks,
+                report=args.report,
+                max_frames=args.max_frames,
+                threads=args.threads,
+                progress=not args.no_progress,
+            )
+            report = run_segment(options)
+        except (WeightsError, ValueError, OSError) as exc:
+            return _fail(self.name, exc)
+        keys, frames = report["keys"], report["frames"]
+        print(
+            f"{frames} frames, {keys} keys (AKI {report['aki'] or 0:.1f}), "
+            f"{report['fps']} FPS processing, backend {report['backend']}"
+        )
+        return 0
+
+
+class ExportCommand:
+    name = "export"
+    help = "export every network of a weights folder to ONNX (opset 17, dynamic batch)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        _weights_argument(parser)
+        parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+
+    def run(self, args: argparse.Namespace) -> int:
+        try:
+            weights = find_weights(args.weights)
+            paths = export_onnx(
+                weights, args.out, progress=lambda n: print(f"exporting {n} ...", file=sys.stderr)
+            )
+        except (WeightsError, OSError) as exc:
+            return _fail(self.name, exc)
+        print(json.dumps({name: str(path) for name, path in paths.items()}, indent=2))
+        return 0
+
+
+class BenchCommand:
+    name = "bench"
+    help = "measure per-stage cost and end-to-end FPS per scheduler (JSON + PNG)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--clip", type=Path, required=True, help="a face video to run on")
+        parser.add_argument("--out", type=Path, default=Path("bench"), help="output folder")
+        parser.add_argument("--threads", type=int, default=2)
+        parser.add_argument("--repeats", type=int, default=20)
+        parser.add_argument(
+            "--frames", type=int, default=300, help="frames of the clip for end-to-end FPS"
+        )
+        parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+        parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+        parser.add_argument(
+            "--key-backbone", choices=["mobilenet_v2", "resnet50"], default="resnet50"
+        )
+
+    def run(self, args: argparse.Namespace) -> int:
+        # bench plots with matplotlib, which comes with the `bench`/`dev` extras only
+        from facestream.engines.bench import format_tables, run_benchmark
+
+        result = run_benchmark(
+            clip=args.clip,
+            out_dir=args.out,
+            sizes=tuple(args.sizes),
+            backends=tuple(args.backends),
+            threads=args.threads,
+            repeats=args.repeats,
+            pipeline_frames=args.frames,
+            key_backbone=args.key_backbone,
+        )
+        print(format_tables(result))
+        print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+        return 0

@@ -1,0 +1,168 @@
+"""Where the face is: detection on key frames and the square 1.3x crop (300VW recipe).
+
+The crop is a square of side ``scale`` x the face box's mean side, centred on the box. Parts of
+the square outside the frame are filled with black rather than clipped away, so the network always
+sees an undistorted square; masks are pasted back only where the square overlaps the frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+
+
+class Box(NamedTuple):
+    """An axis-aligned box in frame pixels: [x0, x1) x [y0, y1) (floats)."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    @property
+    def width(self) -> float:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> float:
+        return self.y1 - self.y0
+
+    def square(self, scale: float) -> Box:
+        """The square of side ``scale`` x mean(width, height) centred on this box."""
+        side = scale * (self.width + self.height) / 2.0
+        cx, cy = (self.x0 + self.x1) / 2.0, (self.y0 + self.y1) / 2.0
+        return Box(cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+
+    def as_list(self) -> list[float]:
+        return [round(v, 2) for v in self]
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    """``scale``: square side over the face box side (1.3 as in 300VW). The Haar detector's box
+    is wider and sits higher than the landmark box of the recipe: ``detector_scale`` and
+    ``detector_shift`` (fraction of the box height, downwards) map one onto the other."""
+
+    scale: float = 1.3
+    detector_scale: float = 0.9
+    detector_shift: float = 0.08
+    detect_width: int = 480
+    min_face: float = 0.06  # smallest face side, as a fraction of the frame's shorter side
+    mask_confidence: float = 0.75  # mean max-probability over face pixels to trust the mask box
+    min_mask_pixels: int = 64
+
+
+def crop_square(frame: np.ndarray, box: Box, size: int) -> np.ndarray:
+    """The square ``box`` of ``frame`` resized to ``size`` x ``size`` (black outside the frame)."""
+    side = box.width
+    s = size / side
+    matrix = np.array([[s, 0.0, -box.x0 * s], [0.0, s, -box.y0 * s]], dtype=np.float64)
+    return cv2.warpAffine(
+        frame, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
+    )
+
+
+def paste_scores(scores: np.ndarray, box: Box, frame_hw: tuple[int, int]) -> np.ndarray:
+    """N_task's resampling and argmax: class scores (K, h, w) over the square ``box`` ->
+    a full-frame (H, W) uint8 mask of class ids, background outside the box."""
+    height, width = frame_hw
+    mask = np.zeros((height, width), dtype=np.uint8)
+    x0, y0 = max(int(np.floor(box.x0)), 0), max(int(np.floor(box.y0)), 0)
+    x1, y1 = min(int(np.ceil(box.x1)), width), min(int(np.ceil(box.y1)), height)
+    if x1 <= x0 or y1 <= y0:
+        return mask
+    k, h, w = scores.shape
+    # Affine map from frame pixels (x0..x1) onto the score grid (pixel centres, align_corners=False).
+    sx, sy = w / box.width, h / box.height
+    matrix = np.array(
+        [
+            [sx, 0.0, (x0 - box.x0) * sx + 0.5 * sx - 0.5],
+            [0.0, sy, (y0 - box.y0) * sy + 0.5 * sy - 0.5],
+        ],
+        dtype=np.float64,
+    )
+    planes = np.ascontiguousarray(scores.transpose(1, 2, 0), dtype=np.float32)
+    resampled = cv2.warpAffine(
+        planes,
+        matrix,
+        (x1 - x0, y1 - y0),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    if resampled.ndim == 2:  # a single channel comes back squeezed
+        resampled = resampled[..., None]
+    mask[y0:y1, x0:x1] = resampled.argmax(axis=2).astype(np.uint8)
+    return mask
+
+
+def _cascade_path() -> Path:
+    path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
+    if not path.is_file():
+        raise FileNotFoundError(f"OpenCV's bundled face detector is missing: {path}")
+    return path
+
+
+class FaceLocator:
+    """Finds the face box on key frames: from the previous key's mask when that is confident,
+    else with OpenCV's bundled Haar cascade (largest face)."""
+
+    def __init__(self, config: CropConfig | None = None) -> None:
+        self.config = config or CropConfig()
+        self._cascade = cv2.CascadeClassifier(str(_cascade_path()))
+
+    def detect(self, frame: np.ndarray) -> Box | None:
+        """Largest Haar face in an RGB frame, mapped onto the landmark-box convention."""
+        cfg = self.config
+        height, width = frame.shape[:2]
+        factor = min(1.0, cfg.detect_width / max(width, height))
+        small = cv2.resize(frame, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
+        gray = cv2.equalizeHist(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY))
+        min_side = max(20, int(cfg.min_face * min(small.shape[:2])))
+        faces = self._cascade.detectMultiScale(gray, 1.15, 4, minSize=(min_side, min_side))
+        if len(faces) == 0:
+            return None
+        x, y, w, h = (float(v) / factor for v in max(faces, key=lambda f: f[2] * f[3]))
+        side = w * cfg.detector_scale
+        cx, cy = x + w / 2, y + h / 2 + cfg.detector_shift * h
+        return Box(cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+
+    def from_mask(self, mask: np.ndarray, confidence: float, square: Box) -> Box | None:
+        """The face box of the latest mask (bounding box of its non-background pixels), or None
+        when the mask is small, not confident, or touches the border of the square it came from
+        (the face may then extend beyond it)."""
+        cfg = self.config
+        if confidence < cfg.mask_confidence:
+            return None
+        ys, xs = np.nonzero(mask)
+        if len(xs) < cfg.min_mask_pixels:
+            return None
+        box = Box(float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+        margin = 0.02 * square.width
+        height, width = mask.shape
+        inside = (
+            box.x0 > max(square.x0, 0) + margin
+            and box.y0 > max(square.y0, 0) + margin
+            and box.x1 < min(square.x1, width) - margin
+            and box.y1 < min(square.y1, height) - margin
+        )
+        return box if inside else None
+
+    def locate(
+        self,
+        frame: np.ndarray,
+        mask: np.ndarray | None = None,
+        confidence: float = 0.0,
+        square: Box | None = None,
+    ) -> Box | None:
+        """The face box for a key frame, or None when there is no face.
+
+        ``mask``/``confidence``/``square``: the latest mask, its confidence and the crop square
+        it was computed in; used instead of the detector when trustworthy."""
+        box = None
+        if mask is not None and square is not None:
+            box = self.from_mask(mask, confidence, square)
+        return box if box is not None else self.detect(frame)

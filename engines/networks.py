@@ -1,0 +1,84 @@
+"""One inference interface over all networks, whatever runs them.
+
+Every backend takes and returns float32 numpy arrays in NCHW layout, so that the pipeline, the
+schedulers and the benchmarks never see which runtime is underneath.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import NamedTuple
+
+import numpy as np
+from facestream.models.config import FlowConfig, SegmentationConfig
+
+
+class FlowResult(NamedTuple):
+    flow: np.ndarray  # (B, 2, h, w) M_{i->k} in pixels of the feature grid, x first
+    scale: np.ndarray  # (B, C, h, w) DFF scale field S_{i->k}
+    conv6: np.ndarray  # (B, C6, s, s) FlowNet2-s Conv6 features D_{i->k}
+
+
+class Networks(ABC):
+    """N_feat, N_task, F, W, the key policy and the DVSNet head behind one interface."""
+
+    backend: str = "?"
+
+    def __init__(
+        self,
+        segmentation: SegmentationConfig,
+        flow: FlowConfig,
+        *,
+        has_policy: bool,
+        has_dvsnet: bool,
+    ) -> None:
+        if flow.warp_size != segmentation.feature_size:
+            raise ValueError(
+                f"flow network warps a {flow.warp_size}² grid but N_feat outputs "
+                f"{segmentation.feature_size}²: retrain F or pick matching weights"
+            )
+        if flow.scale_channels not in (1, segmentation.feature_channels):
+            raise ValueError(
+                f"flow network predicts {flow.scale_channels} scale channels, N_feat has "
+                f"{segmentation.feature_channels} feature channels"
+            )
+        self.segmentation_config = segmentation
+        self.flow_config = flow
+        self.has_policy = has_policy
+        self.has_dvsnet = has_dvsnet
+
+    @abstractmethod
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """N_feat: (B, 3, S, S) RGB in [0, 1] -> (B, C, S/4, S/4)."""
+
+    def task(self, features: np.ndarray) -> np.ndarray:
+        """N_task up to class scores at stride 4: (B, C, S/4, S/4) -> (B, K, S/4, S/4)."""
+        if self.segmentation_config.split == "scores":
+            return features
+        return self._task(features)
+
+    def _task(self, features: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(f"{type(self).__name__} has no N_task for the decoder split")
+
+    @abstractmethod
+    def flow(self, pairs: np.ndarray) -> FlowResult:
+        """F: (B, 6, Sf, Sf) = [current, key] RGB in [0, 1] -> flow, scale, Conv6."""
+
+    @abstractmethod
+    def warp(self, features: np.ndarray, flow: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """W(f_k, M, S) at the feature grid."""
+
+    @abstractmethod
+    def key_probability(self, conv6: np.ndarray, expert: np.ndarray) -> np.ndarray:
+        """pi(a1 | s), (B,), from Conv6 features and expert info (B, 2) = [KAR, LKD/window]."""
+
+    @abstractmethod
+    def dvsnet_score(self, conv6: np.ndarray) -> np.ndarray:
+        """DVSNet's predicted score of the warped result, (B,) in [0, 1]."""
+
+    def _require(self, name: str, present: bool) -> None:
+        if not present:
+            raise RuntimeError(
+                f"the weights have no {name} network ({name}.safetensors): train it or choose "
+                f"another scheduler"
+            )

@@ -1,0 +1,217 @@
+"""The dynamic segmentation pipeline: one :class:`StreamSegmenter` per video stream.
+
+For every frame: crop the face with the box held since the last key, ask the scheduler, then
+either run N_feat (key: the face box is located anew and the cache refreshed) or warp the cached
+key features by F's flow (non-key). F runs only when the scheduler or the warp needs it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from facestream.engines.face import Box, FaceLocator, crop_square, paste_scores
+from facestream.engines.networks import FlowResult, Networks
+from facestream.engines.schedulers import (
+    WINDOW,
+    DecisionContext,
+    DecisionHistory,
+    Scheduler,
+    check_scheduler,
+)
+
+
+@dataclass
+class FrameResult:
+    """The outcome of one frame.
+
+    ``mask``: (H, W) uint8 class ids in full-frame coordinates, or None when no face was found.
+    ``timings``: milliseconds per stage (crop, detect, flow, policy, key, warp, task, total).
+    ``value``: what the scheduler compared with its knob (probability, score, magnitude, ...).
+    """
+
+    index: int
+    key: bool
+    face: bool
+    mask: np.ndarray | None
+    box: Box | None
+    timings: dict[str, float]
+    value: float | None = None
+
+
+@dataclass
+class _KeyCache:
+    box: Box
+    features: np.ndarray  # (1, C, S/4, S/4) f_k
+    flow_image: np.ndarray  # (3, Sf, Sf) I_k at the flow network's input size, [0, 1]
+
+
+@dataclass
+class _Timer:
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + (time.perf_counter() - start) * 1e3
+
+
+def to_chw(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 in [0, 1]."""
+    return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) * (1.0 / 255.0)
+
+
+def mask_confidence(scores: np.ndarray) -> float:
+    """Mean max-softmax probability over the face (non-background) pixels of (K, h, w) scores."""
+    shifted = scores - scores.max(axis=0, keepdims=True)
+    probs = np.exp(shifted)
+    probs /= probs.sum(axis=0, keepdims=True)
+    face = probs.argmax(axis=0) > 0
+    return float(probs.max(axis=0)[face].mean()) if face.any() else 0.0
+
+
+class StreamSegmenter:
+    """Per-stream state (key cache, face box, last 90 decisions) around shared networks."""
+
+    def __init__(
+        self,
+        networks: Networks,
+        scheduler: Scheduler,
+        locator: FaceLocator | None = None,
+        *,
+        window: int = WINDOW,
+    ) -> None:
+        check_scheduler(scheduler, networks)
+        self.networks = networks
+        self.scheduler = scheduler
+        self.locator = locator or FaceLocator()
+        self.window = window
+        self.reset()
+
+    def reset(self) -> None:
+        self.history = DecisionHistory(self.window)
+        self.scheduler.reset()
+        self._cache: _KeyCache | None = None
+        self._last_mask: np.ndarray | None = None
+        self._last_confidence = 0.0
+        self.index = 0
+
+    @property
+    def input_size(self) -> int:
+        return self.networks.segmentation_config.input_size
+
+    def step(self, frame: np.ndarray) -> FrameResult:
+        """Segment one (H, W, 3) uint8 RGB frame."""
+        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+            raise ValueError(
+                f"expected an (H, W, 3) uint8 RGB frame, got {frame.shape} {frame.dtype}"
+            )
+        timer = _Timer()
+        start = time.perf_counter()
+        try:
+            result = self._step(np.ascontiguousarray(frame), timer)
+        finally:
+            self.index += 1
+        result.timings["total"] = (time.perf_counter() - start) * 1e3
+        return result
+
+    def _step(self, frame: np.ndarray, timer: _Timer) -> FrameResult:
+        index = self.index
+        if self._cache is None:
+            return self._key(frame, timer, None)
+        cache = self._cache
+        with timer.stage("crop"):
+            crop = crop_square(frame, cache.box, self.input_size)
+        flow_memo: list[FlowResult] = []
+
+        def flow() -> FlowResult:
+            if not flow_memo:
+                with timer.stage("flow"):
+                    flow_memo.append(self._flow(crop, cache))
+            return flow_memo[0]
+
+        ctx = DecisionContext(index, self.history, self.networks, flow)
+        with timer.stage("policy"):
+            decision = self.scheduler.decide(ctx)
+        timer.timings["policy"] -= timer.timings.get("flow", 0.0)
+        if decision.key:
+            return self._key(frame, timer, decision.value)
+        return self._nonkey(frame, crop, flow(), cache, timer, decision.value)
+
+    def _flow(self, crop: np.ndarray, cache: _KeyCache) -> FlowResult:
+        size = self.networks.flow_config.input_size
+        small = (
+            crop
+            if crop.shape[0] == size
+            else cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+        )
+        pair = np.concatenate((to_chw(small), cache.flow_image))[None]
+        return self.networks.flow(pair)
+
+    def _key(self, frame: np.ndarray, timer: _Timer, value: float | None) -> FrameResult:
+        with timer.stage("detect"):
+            square = self._locate(frame)
+        if square is None:
+            return self._no_face(timer, value)
+        with timer.stage("crop"):
+            crop = crop_square(frame, square, self.input_size)
+        with timer.stage("key"):
+            features = self.networks.features(to_chw(crop)[None])
+        size = self.networks.flow_config.input_size
+        small = (
+            cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+            if size != crop.shape[0]
+            else crop
+        )
+        self._cache = _KeyCache(square, features, to_chw(small))
+        self.history.record(True)
+        return self._finish(frame, features, square, True, timer, value)
+
+    def _nonkey(
+        self,
+        frame: np.ndarray,
+        crop: np.ndarray,
+        flow: FlowResult,
+        cache: _KeyCache,
+        timer: _Timer,
+        value: float | None,
+    ) -> FrameResult:
+        with timer.stage("warp"):
+            features = self.networks.warp(cache.features, flow.flow, flow.scale)
+        self.history.record(False)
+        return self._finish(frame, features, cache.box, False, timer, value)
+
+    def _finish(
+        self,
+        frame: np.ndarray,
+        features: np.ndarray,
+        box: Box,
+        key: bool,
+        timer: _Timer,
+        value: float | None,
+    ) -> FrameResult:
+        with timer.stage("task"):
+            scores = self.networks.task(features)[0]
+            mask = paste_scores(scores, box, frame.shape[:2])
+            self._last_mask, self._last_confidence = mask, mask_confidence(scores)
+        return FrameResult(self.index, key, True, mask, box, timer.timings, value)
+
+    def _locate(self, frame: np.ndarray) -> Box | None:
+        scale = self.locator.config.scale
+        square = self._cache.box if self._cache is not None else None
+        face = self.locator.locate(frame, self._last_mask, self._last_confidence, square)
+        return None if face is None else face.square(scale)
+
+    def _no_face(self, timer: _Timer, value: float | None) -> FrameResult:
+        """No face on a frame that needed a key: report it and look again on the next frame."""
+        self._cache = None
+        self._last_mask = None
+        self.history.record(False)
+        return FrameResult(self.index, False, False, None, None, timer.timings, value)

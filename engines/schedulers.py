@@ -1,0 +1,222 @@
+"""Key schedulers: who decides, frame by frame, whether N runs or the key result is warped.
+
+Every scheduler exposes one knob (``knob`` names the attribute) so that evaluation can sweep it:
+
+=========  ============================  ======================================================
+name       knob                          key when
+=========  ============================  ======================================================
+always     --                            every frame (the per-frame baseline)
+fixed      ``interval`` n                the last key is n frames back (DFF)
+random     ``rate`` p                    a uniform draw falls below p
+flow       ``threshold`` (pixels)        mean flow magnitude to the key exceeds it (DVSNet §)
+dvsnet     ``threshold`` (score)         DVSNet's predicted score of the warp falls below it
+rl         ``tau``                       pi(a1 | s) > tau (the paper's policy)
+=========  ============================  ======================================================
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from facestream.engines.networks import FlowResult, Networks
+
+WINDOW = 90
+
+
+class DecisionHistory:
+    """The last ``window`` key/non-key decisions and the paper's expert information.
+
+    * KAR (key-all ratio): keys / decisions over the window (0 before any decision).
+    * LKD (last key distance): frames from the last key to the current frame, capped at the window.
+    """
+
+    def __init__(self, window: int = WINDOW) -> None:
+        self.window = window
+        self.decisions: deque[bool] = deque(maxlen=window)
+        self.since_key: int | None = None  # frames since the last key; None before the first
+
+    def record(self, key: bool) -> None:
+        self.decisions.append(key)
+        self.since_key = 0 if key else (None if self.since_key is None else self.since_key + 1)
+
+    @property
+    def kar(self) -> float:
+        return sum(self.decisions) / len(self.decisions) if self.decisions else 0.0
+
+    @property
+    def distance(self) -> int | None:
+        """Frames from the last key to the frame now being decided (None before any key)."""
+        return None if self.since_key is None else self.since_key + 1
+
+    @property
+    def lkd(self) -> int:
+        """LKD of the frame now being decided: ``distance`` capped at the window."""
+        distance = self.distance
+        return self.window if distance is None else min(distance, self.window)
+
+    def expert(self) -> np.ndarray:
+        """(1, 2) float32 [KAR, LKD / window], the policy network's expert input."""
+        return np.array([[self.kar, self.lkd / self.window]], dtype=np.float32)
+
+
+@dataclass
+class DecisionContext:
+    """What a scheduler may look at for the frame being decided.
+
+    ``flow()`` runs F on (current, key) the first time it is called and caches the result, so the
+    pipeline reuses it for the warp when the frame turns out non-key.
+    """
+
+    index: int
+    history: DecisionHistory
+    networks: Networks
+    _flow: Callable[[], FlowResult]
+
+    def flow(self) -> FlowResult:
+        return self._flow()
+
+
+@dataclass(frozen=True)
+class Decision:
+    key: bool
+    value: float | None = None  # the quantity compared with the knob (probability, score, ...)
+
+
+class Scheduler(ABC):
+    name: str = "?"
+    knob: str | None = None
+    needs_flow: bool = False
+
+    @abstractmethod
+    def decide(self, ctx: DecisionContext) -> Decision:
+        """Key or not, for a frame that has a cached key to warp from."""
+
+    def reset(self) -> None:
+        """Forget per-stream state (called when a stream starts over)."""
+
+    @property
+    def knob_value(self) -> float | None:
+        return None if self.knob is None else float(getattr(self, self.knob))
+
+    def describe(self) -> str:
+        return self.name if self.knob is None else f"{self.name}({self.knob}={self.knob_value:g})"
+
+
+class AlwaysScheduler(Scheduler):
+    name = "always"
+
+    def decide(self, ctx: DecisionContext) -> Decision:
+        return Decision(True)
+
+
+class FixedIntervalScheduler(Scheduler):
+    name, knob = "fixed", "interval"
+
+    def __init__(self, interval: int = 30) -> None:
+        if int(interval) < 1:
+            raise ValueError(f"fixed interval must be >= 1, got {interval}")
+        self.interval = int(interval)
+
+    def decide(self, ctx: DecisionContext) -> Decision:
+        distance = ctx.history.distance
+        distance = self.interval if distance is None else distance
+        return Decision(distance >= self.interval, float(distance))
+
+
+class RandomScheduler(Scheduler):
+    name, knob = "random", "rate"
+
+    def __init__(self, rate: float = 1 / 30, seed: int | None = 0) -> None:
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"random key rate must be in [0, 1], got {rate}")
+        self.rate, self.seed = float(rate), seed
+        self.reset()
+
+    def reset(self) -> None:
+        self._rng = np.random.default_rng(self.seed)
+
+    def decide(self, ctx: DecisionContext) -> Decision:
+        draw = float(self._rng.random())
+        return Decision(draw < self.rate, draw)
+
+
+class FlowMagnitudeScheduler(Scheduler):
+    """Key when the mean flow magnitude (pixels of the segmentation input) exceeds the threshold."""
+
+    name, knob, needs_flow = "flow", "threshold", True
+
+    def __init__(self, threshold: float = 8.0) -> None:
+        if threshold < 0:
+            raise ValueError(f"flow threshold must be >= 0 pixels, got {threshold}")
+        self.threshold = float(threshold)
+
+    def decide(self, ctx: DecisionContext) -> Decision:
+        result = ctx.flow()
+        seg = ctx.networks.segmentation_config
+        pixels = seg.input_size / seg.feature_size  # feature-grid pixel -> input pixel
+        magnitude = float(np.sqrt((result.flow[0] ** 2).sum(axis=0)).mean() * pixels)
+        return Decision(magnitude > self.threshold, magnitude)
+
+
+class DVSNetScheduler(Scheduler):
+    name, knob, needs_flow = "dvsnet", "threshold", True
+
+    def __init__(self, threshold: float = 0.8) -> None:
+        self.threshold = float(threshold)
+
+    def decide(self, ctx: DecisionContext) -> Decision:
+        score = float(ctx.networks.dvsnet_score(ctx.flow().conv6)[0])
+        return Decision(score < self.threshold, score)
+
+
+class RLScheduler(Scheduler):
+    name, knob, needs_flow = "rl", "tau", True
+
+    def __init__(self, tau: float = 0.5) -> None:
+        if not 0.0 <= tau <= 1.0:
+            raise ValueError(f"tau must be in [0, 1], got {tau}")
+        self.tau = float(tau)
+
+    def decide(self, ctx: DecisionContext) -> Decision:
+        prob = float(ctx.networks.key_probability(ctx.flow().conv6, ctx.history.expert())[0])
+        return Decision(prob > self.tau, prob)
+
+
+SCHEDULERS: dict[str, type[Scheduler]] = {
+    cls.name: cls
+    for cls in (
+        AlwaysScheduler,
+        FixedIntervalScheduler,
+        RandomScheduler,
+        FlowMagnitudeScheduler,
+        DVSNetScheduler,
+        RLScheduler,
+    )
+}
+
+
+def make_scheduler(name: str, knob: float | None = None) -> Scheduler:
+    """A scheduler by name, with its knob set when ``knob`` is given."""
+    try:
+        cls = SCHEDULERS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}"
+        ) from None
+    if knob is None:
+        return cls()
+    if cls.knob is None:
+        raise ValueError(f"scheduler {name!r} has no knob to set")
+    return cls(knob)
+
+
+def check_scheduler(scheduler: Scheduler, networks: Networks) -> None:
+    """Fail early, with the fix named, when the weights lack a network the scheduler needs."""
+    if isinstance(scheduler, RLScheduler) and not networks.has_policy:
+        raise ValueError("the rl scheduler needs policy.safetensors in the weights folder")
+    if isinstance(scheduler, DVSNetScheduler) and not networks.has_dvsnet:
+        raise ValueError("the dvsnet scheduler needs dvsnet.safetensors in the weights folder")

@@ -1,0 +1,5 @@
+import sys
+
+from facestream.cli import main
+
+sys.exit(main())

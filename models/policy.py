@@ -1,0 +1,52 @@
+"""The reinforcement-learned key scheduler's policy network (paper section 3.2)."""
+
+from __future__ import annotations
+
+import torch
+from facestream.models.config import PolicyConfig
+from torch import nn
+
+
+class KeyPolicy(nn.Module):
+    """pi_theta(a | s) with s = {D (FlowNet2-s Conv6 features), E = (KAR, LKD)}.
+
+    Conv0 (96 channels) on D -> FC0 1024 -> FC1 1024 -> FC2 128 -> concat [KAR, LKD] (130) ->
+    FC3 -> 2 logits (index 0: non-key a0, index 1: key a1).
+    """
+
+    def __init__(self, config: PolicyConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or PolicyConfig()
+        fc0, fc1, fc2 = config.fc_sizes
+        self.conv0 = nn.Conv2d(config.in_channels, config.conv0_channels, 3, padding=1)
+        flat = config.conv0_channels * config.conv6_size**2
+        self.fc0 = nn.Linear(flat, fc0)
+        self.fc1 = nn.Linear(fc0, fc1)
+        self.fc2 = nn.Linear(fc1, fc2)
+        self.fc3 = nn.Linear(fc2 + 2, 2)
+
+    def forward(self, conv6: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 2) from Conv6 features (B, C, s, s) and expert info (B, 2) = [KAR, LKD/window]."""
+        cfg = self.config
+        expected = (cfg.in_channels, cfg.conv6_size, cfg.conv6_size)
+        if tuple(conv6.shape[1:]) != expected:
+            raise ValueError(
+                f"KeyPolicy expects Conv6 features (B,{expected}), got {tuple(conv6.shape)}"
+            )
+        if expert.dim() != 2 or expert.shape[1] != 2:
+            raise ValueError(f"KeyPolicy expects expert info (B,2), got {tuple(expert.shape)}")
+        x = torch.relu(self.conv0(conv6)).flatten(1)
+        x = torch.relu(self.fc0(x))
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        return self.fc3(torch.cat((x, expert.to(x.dtype)), dim=1))
+
+    def key_probability(self, conv6: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """pi(a1 | s), shape (B,)."""
+        return torch.softmax(self.forward(conv6, expert), dim=1)[:, 1]
+
+    def expert_weights(self) -> torch.Tensor:
+        """FC3's weights on the KAR and LKD inputs towards the key logit minus the non-key logit
+        (the quantity of the paper's Fig. 3, bottom row): tensor([w_KAR, w_LKD])."""
+        w = self.fc3.weight.detach()
+        return (w[1, -2:] - w[0, -2:]).clone()
