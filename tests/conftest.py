@@ -78,9 +78,9 @@ def data_dir() -> Path:
     """
     configured = os.environ.get(DATA_ENV_VAR)
     path = Path(configured) if configured else DEFAULT_DATA_DIR
-    source = f"${DATA_ENV_VAR}" if configured else f"the default (set ${DATA_ENV_VAR} to override)"
+    source = f"from ${DATA_ENV_VAR}" if configured else f"the default; set ${DATA_ENV_VAR}"
     if not path.is_dir():
-        pytest.skip(f"face clip data folder {path} does not exist; from {source}")
+        pytest.skip(f"face clip data folder {path} ({source}) does not exist")
     return path
 
 
