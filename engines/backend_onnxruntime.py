@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
 from facestream.engines.export import cached_export
 from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.weights import WeightSet, read_metadata

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.weights import WeightSet
 from facestream.models import warp
@@ -12,9 +13,7 @@ from facestream.models import warp
 class TorchNetworks(Networks):
     backend = "torch"
 
-    def __init__(
-        self, weights: WeightSet, *, device: str = "cpu", threads: int | None = None
-    ) -> None:
+    def __init__(self, weights: WeightSet, *, device: str = "cpu", threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)

@@ -40,9 +40,7 @@ def _knob(args: argparse.Namespace) -> float | None:
     ((name, value),) = given.items()
     owner = SCHEDULERS[args.scheduler].knob
     if owner != name:
-        raise ValueError(
-            f"--{name} applies to the {_KNOB_FLAGS[name]} scheduler, not {args.scheduler!r}"
-        )
+        raise ValueError(f"--{name} applies to the {_KNOB_FLAGS[name]} scheduler, not {args.scheduler!r}")
     return value
 
 
@@ -67,16 +65,10 @@ class SegmentCommand:
         )
         parser.add_argument("--tau", type=float, help="rl: key when pi(key|s) > tau (default 0.5)")
         parser.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND)
-        parser.add_argument(
-            "--size", type=int, help="face crop side in pixels (must match the weights)"
-        )
+        parser.add_argument("--size", type=int, help="face crop side in pixels (must match the weights)")
         _weights_argument(parser)
-        parser.add_argument(
-            "--out", type=Path, metavar="VIDEO", help="write an overlay video (mp4)"
-        )
-        parser.add_argument(
-            "--masks", type=Path, metavar="DIR", help="write one PNG of class ids per frame"
-        )
+        parser.add_argument("--out", type=Path, metavar="VIDEO", help="write an overlay video (mp4)")
+        parser.add_argument("--masks", type=Path, metavar="DIR", help="write one PNG of class ids per frame")
         parser.add_argument("--report", type=Path, metavar="JSON", help="write the run report")
         parser.add_argument("--max-frames", type=int, help="stop after N frames")
         parser.add_argument("--threads", type=int, help="CPU threads for inference")
@@ -138,14 +130,10 @@ class BenchCommand:
         parser.add_argument("--out", type=Path, default=Path("bench"), help="output folder")
         parser.add_argument("--threads", type=int, default=2)
         parser.add_argument("--repeats", type=int, default=20)
-        parser.add_argument(
-            "--frames", type=int, default=300, help="frames of the clip for end-to-end FPS"
-        )
+        parser.add_argument("--frames", type=int, default=300, help="frames of the clip for end-to-end FPS")
         parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
         parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
-        parser.add_argument(
-            "--key-backbone", choices=["mobilenet_v2", "resnet50"], default="resnet50"
-        )
+        parser.add_argument("--key-backbone", choices=["mobilenet_v2", "resnet50"], default="resnet50")
 
     def run(self, args: argparse.Namespace) -> int:
         # bench plots with matplotlib, which comes with the `bench`/`dev` extras only

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from facestream.engines.weights import WeightSet
 from facestream.models import warp
-from torch import nn
 
 OPSET = 17
 EXPORT_FORMAT = "facestream-onnx-1"
@@ -51,9 +52,7 @@ class _Flow(_Features):
 
 
 class _Warp(nn.Module):
-    def forward(
-        self, features: torch.Tensor, flow: torch.Tensor, scale: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, flow: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return warp(features, flow, scale)
 
 
@@ -148,11 +147,7 @@ def export_onnx(weights: WeightSet, out_dir: str | Path, *, progress=None) -> di
 
 def cache_root() -> Path:
     env = os.environ.get("FACESTREAM_CACHE")
-    base = (
-        Path(env)
-        if env
-        else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "facestream"
-    )
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "facestream"
     return base / "onnx"
 
 

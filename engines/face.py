@@ -61,9 +61,7 @@ def crop_square(frame: np.ndarray, box: Box, size: int) -> np.ndarray:
     side = box.width
     s = size / side
     matrix = np.array([[s, 0.0, -box.x0 * s], [0.0, s, -box.y0 * s]], dtype=np.float64)
-    return cv2.warpAffine(
-        frame, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
-    )
+    return cv2.warpAffine(frame, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
 
 
 def paste_scores(scores: np.ndarray, box: Box, frame_hw: tuple[int, int]) -> np.ndarray:

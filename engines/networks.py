@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from typing import NamedTuple
 
 import numpy as np
+
 from facestream.models.config import FlowConfig, SegmentationConfig
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+
 from facestream.engines.face import Box, FaceLocator, crop_square, paste_scores
 from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.schedulers import (
@@ -110,9 +111,7 @@ class StreamSegmenter:
     def step(self, frame: np.ndarray) -> FrameResult:
         """Segment one (H, W, 3) uint8 RGB frame."""
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
-            raise ValueError(
-                f"expected an (H, W, 3) uint8 RGB frame, got {frame.shape} {frame.dtype}"
-            )
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB frame, got {frame.shape} {frame.dtype}")
         timer = _Timer()
         start = time.perf_counter()
         try:
@@ -148,9 +147,7 @@ class StreamSegmenter:
     def _flow(self, crop: np.ndarray, cache: _KeyCache) -> FlowResult:
         size = self.networks.flow_config.input_size
         small = (
-            crop
-            if crop.shape[0] == size
-            else cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+            crop if crop.shape[0] == size else cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
         )
         pair = np.concatenate((to_chw(small), cache.flow_image))[None]
         return self.networks.flow(pair)
@@ -166,9 +163,7 @@ class StreamSegmenter:
             features = self.networks.features(to_chw(crop)[None])
         size = self.networks.flow_config.input_size
         small = (
-            cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
-            if size != crop.shape[0]
-            else crop
+            cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA) if size != crop.shape[0] else crop
         )
         self._cache = _KeyCache(square, features, to_chw(small))
         self.history.record(True)

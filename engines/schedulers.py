@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
 from facestream.engines.networks import FlowResult, Networks
 
 WINDOW = 90
@@ -204,9 +205,7 @@ def make_scheduler(name: str, knob: float | None = None) -> Scheduler:
     try:
         cls = SCHEDULERS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}"
-        ) from None
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}") from None
     if knob is None:
         return cls()
     if cls.knob is None:

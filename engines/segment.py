@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
+
+from facestream import __version__
 from facestream.engines.backends import create_networks
 from facestream.engines.pipeline import FrameResult, StreamSegmenter
 from facestream.engines.report import StageStats, average_key_interval
 from facestream.engines.schedulers import make_scheduler
 from facestream.engines.video import MaskWriter, VideoWriter, open_source, overlay
 from facestream.engines.weights import find_weights
-from tqdm import tqdm
-
-from facestream import __version__
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,7 @@ def _loop(source, segmenter, outputs, stats, counts, progress: bool) -> None:
             continue
         encode_start = time.perf_counter()
         outputs.write(frame.index, frame.rgb, result)
-        timings = dict(
-            result.timings, decode=decode_ms, encode=(time.perf_counter() - encode_start) * 1e3
-        )
+        timings = dict(result.timings, decode=decode_ms, encode=(time.perf_counter() - encode_start) * 1e3)
         stats.add(timings)
         counts["frames"] += 1
         counts["keys"] += int(result.key)

@@ -67,9 +67,7 @@ class VideoFrame:
 # ----------------------------------------------------------------------------- sources
 
 
-def open_source(
-    spec: str, *, timeout_s: float = 10.0, max_frames: int | None = None
-) -> VideoSource:
+def open_source(spec: str, *, timeout_s: float = 10.0, max_frames: int | None = None) -> VideoSource:
     """Open a file path, http(s) URL, webcam index (``"0"``) or ``rtsp(s)://`` URL.
 
     ``timeout_s`` bounds connecting to and reading from network sources; ``max_frames`` stops
@@ -289,9 +287,7 @@ class VideoWriter:
 
     def _add_stream(self) -> av.VideoStream:
         rate = Fraction(self.fps).limit_denominator(1001)
-        stream = self._container.add_stream(
-            self.codec, rate=rate, options=CODEC_OPTIONS[self.codec]
-        )
+        stream = self._container.add_stream(self.codec, rate=rate, options=CODEC_OPTIONS[self.codec])
         if not isinstance(stream, av.VideoStream):
             raise TypeError(f"codec {self.codec!r} did not give a video stream")
         stream.width, stream.height = self.encoded_width, self.encoded_height
@@ -417,6 +413,4 @@ def _check_mask(mask: np.ndarray, size: tuple[int, int]) -> None:
     if mask.shape != size:
         raise ValueError(f"mask shape {mask.shape} does not match the image size {size}")
     if mask.size and (mask.min() < 0 or mask.max() >= NUM_CLASSES):
-        raise ValueError(
-            f"mask class ids must be in [0, {NUM_CLASSES}), got {mask.min()}..{mask.max()}"
-        )
+        raise ValueError(f"mask class ids must be in [0, {NUM_CLASSES}), got {mask.min()}..{mask.max()}")

@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
 from facestream.models import DeepLabV3Plus, DVSNetHead, FlowNet2S, KeyPolicy
 from facestream.models.config import (
     DVSNetConfig,
@@ -23,9 +27,6 @@ from facestream.models.config import (
     config_from_json,
     config_to_json,
 )
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch import nn
 
 FILES = {
     "segmentation": "segmentation.safetensors",
@@ -147,9 +148,7 @@ def find_weights(directory: str | Path | None = None) -> WeightSet:
     paths = {name: root / f for name, f in FILES.items() if (root / f).is_file()}
     missing = [FILES[name] for name in REQUIRED if name not in paths]
     if missing:
-        raise WeightsError(
-            f"no trained weights in {root} (missing {', '.join(missing)}). {TRAIN_HINT}"
-        )
+        raise WeightsError(f"no trained weights in {root} (missing {', '.join(missing)}). {TRAIN_HINT}")
     for path in paths.values():
         read_metadata(path)
     return WeightSet(root, paths)

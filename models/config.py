@@ -20,6 +20,13 @@ def _check(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _check_sizes(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        _check(value > 0, f"{name} must be positive, got {value}")
+    _check(all(v > 0 for v in config.fc_sizes), f"fc_sizes must be positive, got {config.fc_sizes}")
+
+
 @dataclass(frozen=True)
 class SegmentationConfig:
     """DeepLab-V3+ (N).
@@ -87,9 +94,7 @@ class FlowConfig:
             f"FlowNet input_size must be a positive multiple of 64, got {self.input_size}",
         )
         _check(self.warp_size > 0, f"warp_size must be positive, got {self.warp_size}")
-        _check(
-            self.scale_channels > 0, f"scale_channels must be positive, got {self.scale_channels}"
-        )
+        _check(self.scale_channels > 0, f"scale_channels must be positive, got {self.scale_channels}")
         _check(0 < self.width <= 1, f"width must be in (0, 1], got {self.width}")
 
     def channels(self, full: int) -> int:
@@ -122,6 +127,7 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         _check(len(self.fc_sizes) == 3, f"fc_sizes needs 3 sizes, got {self.fc_sizes}")
         _check(self.window > 0, f"window must be positive, got {self.window}")
+        _check_sizes(self, ("in_channels", "conv6_size", "conv0_channels"))
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,10 @@ class DVSNetConfig:
     conv6_size: int = 2
     conv_channels: int = 96
     fc_sizes: tuple[int, int] = (1024, 256)
+
+    def __post_init__(self) -> None:
+        _check(len(self.fc_sizes) == 2, f"fc_sizes needs 2 sizes, got {self.fc_sizes}")
+        _check_sizes(self, ("in_channels", "conv6_size", "conv_channels"))
 
 
 _KINDS: dict[str, type] = {

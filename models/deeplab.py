@@ -5,8 +5,9 @@ from __future__ import annotations
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
-from facestream.models.config import SegmentationConfig
 from torch import nn
+
+from facestream.models.config import SegmentationConfig
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,21 +39,15 @@ class DeepLabV3Plus(nn.Module):
         self.encoder = net.encoder
         self.decoder = net.decoder
         self.classifier = net.segmentation_head[0]
-        self.register_buffer(
-            "mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False
-        )
+        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def _check_image(self, image: torch.Tensor) -> None:
         size = self.config.input_size
         if image.dim() != 4 or image.shape[1] != 3:
-            raise ValueError(
-                f"DeepLabV3Plus expects (B,3,H,W) RGB images, got {tuple(image.shape)}"
-            )
+            raise ValueError(f"DeepLabV3Plus expects (B,3,H,W) RGB images, got {tuple(image.shape)}")
         if tuple(image.shape[-2:]) != (size, size):
-            raise ValueError(
-                f"DeepLabV3Plus configured for {size}x{size}, got {tuple(image.shape[-2:])}"
-            )
+            raise ValueError(f"DeepLabV3Plus configured for {size}x{size}, got {tuple(image.shape[-2:])}")
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
         """N_feat: (B, 3, S, S) in [0, 1] -> (B, feature_channels, S/4, S/4)."""

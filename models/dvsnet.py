@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from facestream.models.config import DVSNetConfig
 from torch import nn
+
+from facestream.models.config import DVSNetConfig
 
 
 class DVSNetHead(nn.Module):
@@ -27,9 +28,7 @@ class DVSNetHead(nn.Module):
         cfg = self.config
         expected = (cfg.in_channels, cfg.conv6_size, cfg.conv6_size)
         if tuple(conv6.shape[1:]) != expected:
-            raise ValueError(
-                f"DVSNetHead expects Conv6 features (B,{expected}), got {tuple(conv6.shape)}"
-            )
+            raise ValueError(f"DVSNetHead expects Conv6 features (B,{expected}), got {tuple(conv6.shape)}")
         x = torch.relu(self.conv(conv6)).flatten(1)
         x = torch.relu(self.fc0(x))
         x = torch.relu(self.fc1(x))

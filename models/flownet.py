@@ -10,8 +10,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from facestream.models.config import FlowConfig
 from torch import nn
+
+from facestream.models.config import FlowConfig
 
 
 class FlowOutput(NamedTuple):
@@ -111,9 +112,7 @@ class FlowNet2S(nn.Module):
         scale = 1.0 + self.predict_scale2(concat)
         return FlowOutput(*self._to_warp_grid(flow, scale), out6)
 
-    def _to_warp_grid(
-        self, flow: torch.Tensor, scale: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _to_warp_grid(self, flow: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flow at stride 4 (units of div_flow input pixels) -> pixels of the warp grid."""
         cfg = self.config
         flow = flow * (cfg.div_flow * cfg.warp_size / cfg.input_size)

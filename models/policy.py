@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from facestream.models.config import PolicyConfig
 from torch import nn
+
+from facestream.models.config import PolicyConfig
 
 
 class KeyPolicy(nn.Module):
@@ -30,9 +31,7 @@ class KeyPolicy(nn.Module):
         cfg = self.config
         expected = (cfg.in_channels, cfg.conv6_size, cfg.conv6_size)
         if tuple(conv6.shape[1:]) != expected:
-            raise ValueError(
-                f"KeyPolicy expects Conv6 features (B,{expected}), got {tuple(conv6.shape)}"
-            )
+            raise ValueError(f"KeyPolicy expects Conv6 features (B,{expected}), got {tuple(conv6.shape)}")
         if expert.dim() != 2 or expert.shape[1] != 2:
             raise ValueError(f"KeyPolicy expects expert info (B,2), got {tuple(expert.shape)}")
         x = torch.relu(self.conv0(conv6)).flatten(1)

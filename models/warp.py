@@ -14,9 +14,7 @@ def pixel_grid(height: int, width: int, *, device=None, dtype=None) -> torch.Ten
     return torch.stack((gx, gy)).unsqueeze(0)
 
 
-def warp(
-    features: torch.Tensor, flow: torch.Tensor, scale: torch.Tensor | None = None
-) -> torch.Tensor:
+def warp(features: torch.Tensor, flow: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """Warp the key frame's features to the current frame.
 
     Args:
@@ -38,13 +36,21 @@ def warp(
         raise ValueError(
             f"features {tuple(features.shape)} and flow {tuple(flow.shape)} differ in batch or size"
         )
+    if scale is not None and (
+        scale.dim() != 4
+        or scale.shape[0] != features.shape[0]
+        or scale.shape[1] not in (1, features.shape[1])
+        or scale.shape[-2:] != features.shape[-2:]
+    ):
+        raise ValueError(
+            f"scale must be (B,C,H,W) or (B,1,H,W) matching features {tuple(features.shape)}, "
+            f"got {tuple(scale.shape)}"
+        )
     _, _, height, width = features.shape
     coords = pixel_grid(height, width, device=flow.device, dtype=flow.dtype) + flow
     # align_corners=True maps pixel centres 0..W-1 onto -1..1 exactly.
     norm_x = coords[:, 0] * (2.0 / max(width - 1, 1)) - 1.0
     norm_y = coords[:, 1] * (2.0 / max(height - 1, 1)) - 1.0
     grid = torch.stack((norm_x, norm_y), dim=-1)
-    warped = F.grid_sample(
-        features, grid, mode="bilinear", padding_mode="border", align_corners=True
-    )
+    warped = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=True)
     return warped if scale is None else warped * scale

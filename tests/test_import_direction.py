@@ -202,9 +202,7 @@ CLEAN_TREE = {
     ),
     "service/metrics.py": "import prometheus_client\nfrom prometheus_client import Counter\n",
     "training/__init__.py": "",
-    "training/labels.py": (
-        "import dlib\nimport mediapipe as mp\nfrom facestream.engines import pipeline\n"
-    ),
+    "training/labels.py": ("import dlib\nimport mediapipe as mp\nfrom facestream.engines import pipeline\n"),
     "training/train_policy.py": "from facestream.models import KeyPolicy\nfrom .labels import x\n",
 }
 
@@ -252,9 +250,7 @@ VIOLATIONS = [
 
 
 @pytest.mark.parametrize(("rel", "source", "line", "reason"), VIOLATIONS)
-def test_checker_reports_violation(
-    tmp_path: Path, rel: str, source: str, line: int, reason: str
-) -> None:
+def test_checker_reports_violation(tmp_path: Path, rel: str, source: str, line: int, reason: str) -> None:
     _write_tree(tmp_path, {**CLEAN_TREE, rel: source})
     violations = find_violations(tmp_path)
     assert len(violations) == 1, violations

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+
 from facestream.models import (
     DeepLabV3Plus,
     DVSNetConfig,
@@ -71,11 +72,6 @@ def test_policy_config_rejects(kwargs: dict, message: str) -> None:
         PolicyConfig(**kwargs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="models/config.py: DVSNetConfig has no __post_init__ and PolicyConfig checks only "
-    "fc_sizes and window; bad sizes fail later (or never) with torch errors",
-)
 @pytest.mark.parametrize(
     ("cls", "kwargs", "field"),
     [
@@ -116,9 +112,7 @@ def test_flow_config_derived_sizes() -> None:
 ALL_CONFIGS = [
     SegmentationConfig(backbone="resnet50", num_classes=3, input_size=64, split="decoder"),
     FlowConfig(input_size=64, warp_size=32, scale_channels=256, width=0.5, div_flow=10.0),
-    PolicyConfig(
-        in_channels=192, conv6_size=1, conv0_channels=48, fc_sizes=(64, 32, 16), window=30
-    ),
+    PolicyConfig(in_channels=192, conv6_size=1, conv0_channels=48, fc_sizes=(64, 32, 16), window=30),
     DVSNetConfig(in_channels=192, conv6_size=1, conv_channels=48, fc_sizes=(64, 8)),
 ]
 

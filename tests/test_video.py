@@ -17,6 +17,7 @@ import av
 import av.error
 import numpy as np
 import pytest
+
 from facestream.engines import video
 from facestream.engines.video import (
     MAX_CONSECUTIVE_DECODE_ERRORS,

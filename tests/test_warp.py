@@ -19,6 +19,7 @@ import math
 
 import pytest
 import torch
+
 from facestream.models.warp import pixel_grid, warp
 
 SIZE = 64
@@ -47,9 +48,7 @@ def centroid(image: torch.Tensor) -> tuple[float, float]:
     grid = pixel_grid(h, w, dtype=image.dtype)[0]
     weights = image[0, 0]
     total = weights.sum()
-    return (grid[0] * weights).sum().item() / total.item(), (
-        grid[1] * weights
-    ).sum().item() / total.item()
+    return (grid[0] * weights).sum().item() / total.item(), (grid[1] * weights).sum().item() / total.item()
 
 
 def affine_about_centre(degrees: float, zoom: float) -> torch.Tensor:
@@ -122,9 +121,7 @@ def test_integer_translation_moves_pattern_exactly(dx: int, dy: int) -> None:
 def test_integer_translation_float32() -> None:
     features = torch.rand(1, 4, SIZE, SIZE)
     out = warp(features, constant_flow(3, -2, dtype=torch.float32))
-    torch.testing.assert_close(
-        out[:, :, 2:, : SIZE - 3], features[:, :, :-2, 3:], rtol=0, atol=5e-5
-    )
+    torch.testing.assert_close(out[:, :, 2:, : SIZE - 3], features[:, :, :-2, 3:], rtol=0, atol=5e-5)
 
 
 def test_flow_beyond_frame_takes_border_value() -> None:
@@ -146,9 +143,7 @@ def test_subpixel_translation_moves_blob_centroid(key_position, dtype) -> None:
     assert y == pytest.approx(qy - dy, abs=CENTROID_TOLERANCE_PX)
 
 
-@pytest.mark.parametrize(
-    "key_position", [(10.0, 12.0), (18.0, 44.0), (45.0, 20.0), (CENTRE, CENTRE)]
-)
+@pytest.mark.parametrize("key_position", [(10.0, 12.0), (18.0, 44.0), (45.0, 20.0), (CENTRE, CENTRE)])
 def test_affine_flow_moves_blob_centroid(key_position) -> None:
     """Rotation by 5 degrees and zoom 1.05 about the grid centre."""
     matrix = affine_about_centre(5.0, 1.05)
@@ -201,11 +196,6 @@ def test_shape_errors_raise_value_error(features_shape, flow_shape) -> None:
         warp(torch.randn(*features_shape), torch.randn(*flow_shape))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="models/warp.py does not validate `scale`: a wrong channel count raises RuntimeError "
-    "from the multiplication, and a (B,C,1,1) or batch-1 scale broadcasts silently",
-)
 @pytest.mark.parametrize(
     "scale_shape",
     [(2, 3, 16, 16), (2, 5, 1, 1), (1, 5, 16, 16), (2, 5, 16, 8)],

@@ -1,0 +1,274 @@
+"""Shared test helpers for the engine tests: random weights, networks, clip frames, fakes.
+
+A plain module (imported as ``from helpers import ...``; pytest puts tests/ on ``sys.path``).
+Weights, ONNX exports and networks are expensive to build on a 2-core machine, so they are made
+once per test session and memoised here, keyed by their configuration. The ONNX cache lives in a
+session temporary folder (``$FACESTREAM_CACHE`` is set only while a backend is built), never in
+the home folder.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from facestream.engines.backends import create_networks
+from facestream.engines.networks import FlowResult, Networks
+from facestream.engines.weights import FILES, WeightSet, find_weights, write_random_weights
+from facestream.models.config import FlowConfig, SegmentationConfig
+
+SIZE = 64  # segmentation input side used by the tests (feature grid 16 x 16, flow input 64)
+CLIP = "lp_d3.mp4"  # 512 x 512; the Haar detector finds the face on its first 30 frames
+OTHER_CLIP = "lp_d18.mp4"  # 480 x 480; likewise
+
+_weights: dict[tuple, WeightSet] = {}
+_networks: dict[tuple, Networks] = {}
+_frames: dict[tuple, list[np.ndarray]] = {}
+_dirs: dict[str, Path] = {}
+
+
+def _session_dir(factory: pytest.TempPathFactory, name: str) -> Path:
+    if name not in _dirs:
+        _dirs[name] = factory.mktemp(name)
+    return _dirs[name]
+
+
+def onnx_cache_dir(factory: pytest.TempPathFactory) -> Path:
+    """The session's ONNX cache folder (what ``$FACESTREAM_CACHE`` points to in the tests)."""
+    return _session_dir(factory, "onnx-cache")
+
+
+def random_weights(
+    factory: pytest.TempPathFactory,
+    *,
+    split: str = "scores",
+    backbone: str = "mobilenet_v2",
+    input_size: int = SIZE,
+    without: tuple[str, ...] = (),
+) -> WeightSet:
+    """Random weights for a small config (memoised); ``without`` drops optional networks."""
+    key = (split, backbone, input_size, tuple(sorted(without)))
+    if key not in _weights:
+        if without:
+            full = random_weights(factory, split=split, backbone=backbone, input_size=input_size)
+            directory = factory.mktemp(f"weights-{backbone}-{split}-{input_size}-partial")
+            for name, path in full.paths.items():
+                if name not in without:
+                    (directory / FILES[name]).write_bytes(path.read_bytes())
+            _weights[key] = find_weights(directory)
+        else:
+            directory = factory.mktemp(f"weights-{backbone}-{split}-{input_size}")
+            config = SegmentationConfig(backbone=backbone, input_size=input_size, split=split)
+            _weights[key] = write_random_weights(directory, config)
+    return _weights[key]
+
+
+def build_networks(
+    factory: pytest.TempPathFactory, weights: WeightSet, backend: str, cache: Path | None = None
+) -> Networks:
+    """``create_networks`` with ``$FACESTREAM_CACHE`` pointing at a temporary folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FACESTREAM_CACHE", str(cache or onnx_cache_dir(factory)))
+        return create_networks(weights, backend)
+
+
+def networks(factory: pytest.TempPathFactory, backend: str = "onnxruntime", **weight_args) -> Networks:
+    """Shared (memoised) networks of :func:`random_weights` on ``backend``; do not mutate."""
+    key = (backend, tuple(sorted(weight_args.items())))
+    if key not in _networks:
+        weights = random_weights(factory, **weight_args)
+        _networks[key] = build_networks(factory, weights, backend)
+    return _networks[key]
+
+
+def clip_frames(videos_dir: Path, name: str = CLIP, count: int = 10) -> list[np.ndarray]:
+    """The first ``count`` frames of a real clip as (H, W, 3) uint8 RGB (memoised, read-only)."""
+    key = (str(videos_dir), name)
+    cached = _frames.get(key, [])
+    if len(cached) < count:
+        cached = []
+        with av.open(str(videos_dir / name)) as container:
+            for frame in container.decode(video=0):
+                image = frame.to_ndarray(format="rgb24")
+                image.flags.writeable = False
+                cached.append(image)
+                if len(cached) >= count:
+                    break
+        assert len(cached) == count, f"{name} has fewer than {count} frames"
+        _frames[key] = cached
+    return cached[:count]
+
+
+def shifted(frame: np.ndarray, dx: int, dy: int = 0) -> np.ndarray:
+    """``frame`` translated by (dx, dy) pixels, black where nothing comes in."""
+    height, width = frame.shape[:2]
+    matrix = np.array([[1.0, 0.0, dx], [0.0, 1.0, dy]])
+    return cv2.warpAffine(np.ascontiguousarray(frame), matrix, (width, height))
+
+
+# --------------------------------------------------------------------------- fake networks
+
+
+class StubNetworks(Networks):
+    """A Networks with no real model behind it: every output is scripted.
+
+    ``key_probabilities`` / ``dvsnet_scores`` are consumed one value per call; ``flow_result``
+    is what :meth:`flow` returns. Calls are counted in ``calls`` and their inputs kept in
+    ``inputs``.
+    """
+
+    backend = "stub"
+
+    def __init__(
+        self,
+        *,
+        input_size: int = SIZE,
+        key_probabilities: Iterable[float] = (),
+        dvsnet_scores: Iterable[float] = (),
+        flow_result: FlowResult | None = None,
+        has_policy: bool = True,
+        has_dvsnet: bool = True,
+    ) -> None:
+        segmentation = SegmentationConfig(input_size=input_size)
+        flow = FlowConfig(
+            input_size=64,
+            warp_size=segmentation.feature_size,
+            scale_channels=segmentation.feature_channels,
+        )
+        super().__init__(segmentation, flow, has_policy=has_policy, has_dvsnet=has_dvsnet)
+        self.key_probabilities = list(key_probabilities)
+        self.dvsnet_scores = list(dvsnet_scores)
+        grid = segmentation.feature_size
+        self.flow_result = flow_result or FlowResult(
+            np.zeros((1, 2, grid, grid), np.float32),
+            np.ones((1, segmentation.feature_channels, grid, grid), np.float32),
+            np.zeros((1, flow.conv6_channels, flow.conv6_size, flow.conv6_size), np.float32),
+        )
+        self.calls: Counter[str] = Counter()
+        self.inputs: dict[str, list[tuple[np.ndarray, ...]]] = {}
+
+    def _called(self, name: str, *arrays: np.ndarray) -> None:
+        self.calls[name] += 1
+        self.inputs.setdefault(name, []).append(tuple(np.array(a) for a in arrays))
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        raise AssertionError("StubNetworks.features is not scripted")
+
+    def flow(self, pairs: np.ndarray) -> FlowResult:
+        self._called("flow", pairs)
+        return self.flow_result
+
+    def warp(self, features: np.ndarray, flow: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        raise AssertionError("StubNetworks.warp is not scripted")
+
+    def key_probability(self, conv6: np.ndarray, expert: np.ndarray) -> np.ndarray:
+        self._require("policy", self.has_policy)
+        self._called("key_probability", conv6, expert)
+        return np.array([self.key_probabilities.pop(0)], dtype=np.float32)
+
+    def dvsnet_score(self, conv6: np.ndarray) -> np.ndarray:
+        self._require("dvsnet", self.has_dvsnet)
+        self._called("dvsnet_score", conv6)
+        return np.array([self.dvsnet_scores.pop(0)], dtype=np.float32)
+
+
+class WrappedNetworks(Networks):
+    """Real networks underneath, with call counting and optional overrides.
+
+    * ``flow_fn(pairs, inner) -> FlowResult`` replaces F (e.g. a classical flow estimate);
+    * ``key_probability_fn(conv6, expert) -> float`` and ``dvsnet_fn(conv6) -> float`` replace the
+      policy and the DVSNet head.
+
+    ``calls`` counts every call by method name; ``log`` lists them in order.
+    """
+
+    def __init__(
+        self,
+        inner: Networks,
+        *,
+        flow_fn: Callable[[np.ndarray, Networks], FlowResult] | None = None,
+        key_probability_fn: Callable[[np.ndarray, np.ndarray], float] | None = None,
+        dvsnet_fn: Callable[[np.ndarray], float] | None = None,
+    ) -> None:
+        super().__init__(
+            inner.segmentation_config,
+            inner.flow_config,
+            has_policy=inner.has_policy,
+            has_dvsnet=inner.has_dvsnet,
+        )
+        self.inner = inner
+        self.backend = f"wrapped-{inner.backend}"
+        self.flow_fn = flow_fn
+        self.key_probability_fn = key_probability_fn
+        self.dvsnet_fn = dvsnet_fn
+        self.calls: Counter[str] = Counter()
+        self.log: list[str] = []
+
+    def _called(self, name: str) -> None:
+        self.calls[name] += 1
+        self.log.append(name)
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        self._called("features")
+        return self.inner.features(images)
+
+    def task(self, features: np.ndarray) -> np.ndarray:
+        self._called("task")
+        return self.inner.task(features)
+
+    def flow(self, pairs: np.ndarray) -> FlowResult:
+        self._called("flow")
+        return self.flow_fn(pairs, self.inner) if self.flow_fn else self.inner.flow(pairs)
+
+    def warp(self, features: np.ndarray, flow: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        self._called("warp")
+        return self.inner.warp(features, flow, scale)
+
+    def key_probability(self, conv6: np.ndarray, expert: np.ndarray) -> np.ndarray:
+        self._called("key_probability")
+        if self.key_probability_fn is None:
+            return self.inner.key_probability(conv6, expert)
+        return np.array([self.key_probability_fn(conv6, expert)], dtype=np.float32)
+
+    def dvsnet_score(self, conv6: np.ndarray) -> np.ndarray:
+        self._called("dvsnet_score")
+        if self.dvsnet_fn is None:
+            return self.inner.dvsnet_score(conv6)
+        return np.array([self.dvsnet_fn(conv6)], dtype=np.float32)
+
+
+def constant_flow(networks: Networks, dx: float, dy: float, scale: float = 1.0) -> FlowResult:
+    """A FlowResult with the same flow (feature-grid pixels, x first) everywhere, batch 1."""
+    seg, flow = networks.segmentation_config, networks.flow_config
+    grid = seg.feature_size
+    field = np.empty((1, 2, grid, grid), np.float32)
+    field[:, 0], field[:, 1] = dx, dy
+    return FlowResult(
+        field,
+        np.full((1, flow.scale_channels, grid, grid), scale, np.float32),
+        np.zeros((1, flow.conv6_channels, flow.conv6_size, flow.conv6_size), np.float32),
+    )
+
+
+def phase_correlation_flow(pairs: np.ndarray, inner: Networks) -> FlowResult:
+    """A cheap real flow estimate for F: one global translation by phase correlation.
+
+    ``pairs`` is (1, 6, Sf, Sf) = [current, key] RGB in [0, 1]. The returned flow says where the
+    current frame's pixels lie in the key frame (feature-grid pixels, x first), as F's does.
+    """
+    current = cv2.cvtColor(np.ascontiguousarray(pairs[0, :3].transpose(1, 2, 0)), cv2.COLOR_RGB2GRAY)
+    key = cv2.cvtColor(np.ascontiguousarray(pairs[0, 3:].transpose(1, 2, 0)), cv2.COLOR_RGB2GRAY)
+    (dx, dy), _ = cv2.phaseCorrelate(current.astype(np.float64), key.astype(np.float64))
+    per_pixel = inner.flow_config.warp_size / pairs.shape[-1]
+    return constant_flow(inner, dx * per_pixel, dy * per_pixel)
+
+
+def keys_of(results: Sequence) -> list[int]:
+    """Indices of the key frames in a list of FrameResults."""
+    return [i for i, result in enumerate(results) if result.key]
