@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -19,8 +21,8 @@ class TorchNetworks(Networks):
         self.device = torch.device(device)
         self.segmentation_net = weights.load("segmentation").to(self.device)
         self.flow_net = weights.load("flow").to(self.device)
-        self.policy_net = weights.load("policy").to(self.device) if weights.has("policy") else None
-        self.dvsnet_net = weights.load("dvsnet").to(self.device) if weights.has("dvsnet") else None
+        self.policy_net: Any = weights.load("policy").to(self.device) if weights.has("policy") else None
+        self.dvsnet_net: Any = weights.load("dvsnet").to(self.device) if weights.has("dvsnet") else None
         super().__init__(
             self.segmentation_net.config,
             self.flow_net.config,

@@ -21,6 +21,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +34,8 @@ EXPORT_FORMAT = "facestream-onnx-1"
 
 
 class _Features(nn.Module):
+    net: Any  # DeepLabV3Plus, FlowNet2S or KeyPolicy; typed loosely for their extra methods
+
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
@@ -57,7 +60,7 @@ class _Warp(nn.Module):
 
 
 class _Policy(_Features):
-    def forward(self, conv6: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    def forward(self, conv6: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.net.key_probability(conv6, expert)
 
 

@@ -98,7 +98,8 @@ def paste_scores(scores: np.ndarray, box: Box, frame_hw: tuple[int, int]) -> np.
 
 
 def _cascade_path() -> Path:
-    path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
+    folder = cv2.data.haarcascades  # type: ignore[attr-defined]
+    path = Path(folder) / "haarcascade_frontalface_default.xml"
     if not path.is_file():
         raise FileNotFoundError(f"OpenCV's bundled face detector is missing: {path}")
     return path

@@ -156,7 +156,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     """``{"kind": ..., **fields}`` for any model config."""
     for kind, cls in _KINDS.items():
         if isinstance(config, cls):
-            return {"kind": kind, **dataclasses.asdict(config)}
+            return {"kind": kind, **dataclasses.asdict(config)}  # type: ignore[call-overload]
     raise TypeError(f"not a model config: {type(config).__name__}")
 
 

@@ -14,6 +14,9 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DeepLabV3Plus(nn.Module):
+    mean: torch.Tensor
+    std: torch.Tensor
+
     """N = N_task o N_feat, built from segmentation-models-pytorch with no pretrained weights.
 
     * :meth:`features` (N_feat): RGB image in [0, 1], (B, 3, S, S) -> features at stride 4,

@@ -81,6 +81,7 @@ class FlowNet2S(nn.Module):
                     nn.init.zeros_(m.bias)
         # The scale field starts as exactly 1 (S = 1 + output), i.e. pure flow warping.
         nn.init.zeros_(self.predict_scale2.weight)
+        assert self.predict_scale2.bias is not None
         nn.init.zeros_(self.predict_scale2.bias)
 
     def forward(self, pair: torch.Tensor) -> FlowOutput:
