@@ -31,6 +31,8 @@ class OrtNetworks(Networks):
         graphs = graphs if graphs is not None else cached_export(weights)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Six sessions share the cores; idle pools must not spin while another session runs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1

@@ -160,6 +160,8 @@ def cached_export(weights: WeightSet, *, progress=None) -> dict[str, Path]:
     manifest = directory / "manifest.json"
     if manifest.is_file():
         data = json.loads(manifest.read_text())
-        if data.get("format") == EXPORT_FORMAT and data.get("weights") == weights.hashes():
-            return {name: directory / f"{name}.onnx" for name in data["graphs"]}
+        graphs = {name: directory / f"{name}.onnx" for name in data.get("graphs", [])}
+        fresh = data.get("format") == EXPORT_FORMAT and data.get("weights") == weights.hashes()
+        if fresh and all(path.is_file() for path in graphs.values()):
+            return graphs
     return export_onnx(weights, directory, progress=progress)

@@ -110,7 +110,9 @@ class StreamSegmenter:
 
     def step(self, frame: np.ndarray) -> FrameResult:
         """Segment one (H, W, 3) uint8 RGB frame."""
-        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+        if not isinstance(frame, np.ndarray):
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {type(frame).__name__}")
+        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8 or 0 in frame.shape:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB frame, got {frame.shape} {frame.dtype}")
         timer = _Timer()
         start = time.perf_counter()

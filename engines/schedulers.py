@@ -118,8 +118,8 @@ class FixedIntervalScheduler(Scheduler):
     name, knob = "fixed", "interval"
 
     def __init__(self, interval: int = 30) -> None:
-        if int(interval) < 1:
-            raise ValueError(f"fixed interval must be >= 1, got {interval}")
+        if int(interval) != interval or interval < 1:
+            raise ValueError(f"fixed interval must be a whole number >= 1, got {interval}")
         self.interval = int(interval)
 
     def decide(self, ctx: DecisionContext) -> Decision:
@@ -167,6 +167,8 @@ class DVSNetScheduler(Scheduler):
     name, knob, needs_flow = "dvsnet", "threshold", True
 
     def __init__(self, threshold: float = 0.8) -> None:
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"dvsnet threshold is a score in [0, 1], got {threshold}")
         self.threshold = float(threshold)
 
     def decide(self, ctx: DecisionContext) -> Decision:

@@ -10,13 +10,15 @@ the home folder.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import av
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from facestream.engines.backends import create_networks
 from facestream.engines.networks import FlowResult, Networks
@@ -31,6 +33,18 @@ _weights: dict[tuple, WeightSet] = {}
 _networks: dict[tuple, Networks] = {}
 _frames: dict[tuple, list[np.ndarray]] = {}
 _dirs: dict[str, Path] = {}
+THREADS = 1  # the machine's 2 cores are shared: 2-thread pools spin and thrash (5-20x slower)
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one thread inside the block; the previous setting comes back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _session_dir(factory: pytest.TempPathFactory, name: str) -> Path:
@@ -72,10 +86,13 @@ def random_weights(
 def build_networks(
     factory: pytest.TempPathFactory, weights: WeightSet, backend: str, cache: Path | None = None
 ) -> Networks:
-    """``create_networks`` with ``$FACESTREAM_CACHE`` pointing at a temporary folder."""
+    """``create_networks`` on one thread with ``$FACESTREAM_CACHE`` pointing at a temporary folder.
+
+    (For torch, ``threads`` sets the process-wide thread count: call it under
+    :func:`one_torch_thread`.)"""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FACESTREAM_CACHE", str(cache or onnx_cache_dir(factory)))
-        return create_networks(weights, backend)
+        return create_networks(weights, backend, threads=THREADS)
 
 
 def networks(factory: pytest.TempPathFactory, backend: str = "onnxruntime", **weight_args) -> Networks:

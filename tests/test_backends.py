@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import SIZE, build_networks, networks, one_torch_thread, onnx_cache_dir, random_weights
 from safetensors import safe_open
 from safetensors.torch import save_file
-from helpers import SIZE, build_networks, networks, random_weights
 
 from facestream.engines.backends import BACKENDS, create_networks
-from facestream.engines.export import EXPORT_FORMAT, OPSET, cached_export, export_onnx
+from facestream.engines.export import EXPORT_FORMAT, OPSET, cached_export
 from facestream.engines.networks import Networks
 from facestream.engines.weights import (
     FILES,
@@ -41,6 +43,13 @@ ATOL = 1e-3  # the acceptance bound on ORT vs torch outputs
 ARGMAX_AGREEMENT = 0.999
 ALL_GRAPHS = ["dvsnet", "flow", "policy", "segmentation_features", "segmentation_task", "warp"]
 BATCH = 2  # > 1 on every graph: the batch axis must be dynamic (exported with batch 1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """One torch thread in this module (the 2 cores are shared); restored afterwards."""
+    with one_torch_thread():
+        yield
 
 
 def assert_close(torch_out: np.ndarray, ort_out: np.ndarray, what: str) -> None:
@@ -184,83 +193,77 @@ def graph_mtimes(directory: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted(directory.iterdir())}
 
 
-@pytest.fixture
-def fresh_weights(tmp_path) -> Path:
-    """A weights folder of its own (the cache tests rewrite files in it)."""
-    write_random_weights(tmp_path / "weights", SegmentationConfig(input_size=SIZE), seed=1)
-    return tmp_path / "weights"
+def test_export_manifest_and_cache_lifecycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One weight set through the cache's life (each export costs ~1.5 s here):
 
+    export + manifest with the weights' SHA-256 -> reuse (no re-export) -> stale manifest in the
+    same folder -> re-export -> new weights -> a new folder, the old one left alone."""
+    monkeypatch.setenv("FACESTREAM_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "weights"
+    weights = write_random_weights(folder, SegmentationConfig(input_size=SIZE), seed=1)
 
-def test_export_writes_manifest_with_weight_hashes(fresh_weights: Path, tmp_path: Path) -> None:
-    weights = find_weights(fresh_weights)
-    paths = export_onnx(weights, tmp_path / "onnx")
-    assert sorted(paths) == ALL_GRAPHS
-    assert all(path.is_file() and path.stat().st_size > 0 for path in paths.values())
-    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    first = cached_export(weights)
+    assert sorted(first) == ALL_GRAPHS
+    directory = first["flow"].parent
+    assert directory == tmp_path / "cache" / "onnx" / weights.fingerprint()
+    assert all(path.is_file() and path.stat().st_size > 0 for path in first.values())
+    manifest_path = directory / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
     assert manifest["format"] == EXPORT_FORMAT
     assert manifest["opset"] == OPSET
     assert manifest["graphs"] == ALL_GRAPHS
-    expected = {
-        name: hashlib.sha256((fresh_weights / FILES[name]).read_bytes()).hexdigest() for name in FILES
-    }
-    assert manifest["weights"] == expected
+    sha256 = {name: hashlib.sha256((folder / f).read_bytes()).hexdigest() for name, f in FILES.items()}
+    assert manifest["weights"] == sha256
 
-
-def test_cached_export_reuses_then_reexports_on_new_weights(
-    fresh_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("FACESTREAM_CACHE", str(tmp_path / "cache"))
-    weights = find_weights(fresh_weights)
-    first = cached_export(weights)
-    directory = first["flow"].parent
-    assert directory.parent == tmp_path / "cache" / "onnx"
+    # Second call: the cache is reused, nothing is rewritten.
     before = graph_mtimes(directory)
-
-    again = cached_export(find_weights(fresh_weights))
-    assert again == first
+    assert cached_export(find_weights(folder)) == first
     assert graph_mtimes(directory) == before, "the second call re-exported"
 
-    # New policy weights: a new fingerprint, a fresh export; the old one is left alone.
-    policy = PolicyConfig(
-        in_channels=weights.load("policy").config.in_channels,
-        conv6_size=weights.load("policy").config.conv6_size,
-    )
+    # A manifest that does not match the weights (as if a graph were stale): re-export.
+    manifest["weights"]["flow"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    before = graph_mtimes(directory)
+    assert cached_export(weights) == first
+    after = graph_mtimes(directory)
+    assert all(after[f"{name}.onnx"] > before[f"{name}.onnx"] for name in ALL_GRAPHS)
+    assert json.loads(manifest_path.read_text())["weights"] == sha256
+
+    # New policy weights: a new fingerprint and a fresh export; the old export is left alone.
+    before = graph_mtimes(directory)
+    old_policy = weights.load("policy").config
     torch.manual_seed(123)
-    save_network(build_network(policy), fresh_weights / FILES["policy"])
-    changed = find_weights(fresh_weights)
+    save_network(build_network(old_policy), folder / FILES["policy"])
+    changed = find_weights(folder)
+    assert changed.hashes()["policy"] != sha256["policy"]
     third = cached_export(changed)
-    assert third["flow"].parent != directory
-    manifest = json.loads((third["flow"].parent / "manifest.json").read_text())
-    assert manifest["weights"] == changed.hashes()
-    assert (
-        manifest["weights"]["policy"]
-        != json.loads((directory / "manifest.json").read_text())["weights"]["policy"]
-    )
+    assert third["flow"].parent == tmp_path / "cache" / "onnx" / changed.fingerprint() != directory
+    assert json.loads((third["flow"].parent / "manifest.json").read_text())["weights"] == changed.hashes()
     assert graph_mtimes(directory) == before
 
 
-def test_cached_export_reexports_when_manifest_does_not_match(
-    fresh_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("FACESTREAM_CACHE", str(tmp_path / "cache"))
-    weights = find_weights(fresh_weights)
-    directory = cached_export(weights)["flow"].parent
-    manifest_path = directory / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["weights"]["flow"] = "0" * 64  # as if the flow weights had been swapped
-    manifest_path.write_text(json.dumps(manifest))
-    before = graph_mtimes(directory)
-    paths = cached_export(weights)
-    after = graph_mtimes(directory)
-    assert all(after[f"{name}.onnx"] > before[f"{name}.onnx"] for name in paths)
-    assert json.loads(manifest_path.read_text())["weights"] == weights.hashes()
-
-
-def test_ort_backend_exports_into_facestream_cache(tmp_path_factory, tmp_path: Path) -> None:
+def test_ort_backend_exports_into_facestream_cache(tmp_path_factory) -> None:
+    """The shared ORT networks were built with $FACESTREAM_CACHE set to a temporary folder."""
     weights = random_weights(tmp_path_factory)
-    ort_nets = build_networks(tmp_path_factory, weights, "onnxruntime", cache=tmp_path)
-    assert (tmp_path / "onnx" / weights.fingerprint() / "manifest.json").is_file()
+    ort_nets = networks(tmp_path_factory, "onnxruntime")
+    cache = onnx_cache_dir(tmp_path_factory) / "onnx" / weights.fingerprint()
+    assert (cache / "manifest.json").is_file()
     assert sorted(ort_nets.sessions) == ALL_GRAPHS
+    assert all((cache / f"{graph}.onnx").is_file() for graph in ALL_GRAPHS)
+
+
+def test_cached_export_reexports_a_missing_graph(
+    tmp_path_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights = random_weights(tmp_path_factory)
+    networks(tmp_path_factory, "onnxruntime")  # makes sure the shared export exists
+    shared = onnx_cache_dir(tmp_path_factory) / "onnx" / weights.fingerprint()
+    copy = tmp_path / "onnx" / weights.fingerprint()
+    shutil.copytree(shared, copy)
+    (copy / "flow.onnx").unlink()
+    monkeypatch.setenv("FACESTREAM_CACHE", str(tmp_path))
+    paths = cached_export(weights)
+    assert all(path.is_file() for path in paths.values())
 
 
 # --------------------------------------------------------------------------- backends and weights

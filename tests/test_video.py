@@ -47,8 +47,7 @@ def clip(videos_dir: Path) -> Path:
 def _colour_frames(count: int, height: int, width: int) -> list[np.ndarray]:
     """``count`` flat frames, each a different colour."""
     return [
-        np.full((height, width, 3), (20 + 20 * i, 200 - 15 * i, 60 + 10 * i), np.uint8)
-        for i in range(count)
+        np.full((height, width, 3), (20 + 20 * i, 200 - 15 * i, 60 + 10 * i), np.uint8) for i in range(count)
     ]
 
 
@@ -118,9 +117,7 @@ def test_audio_only_file_raises_no_video_stream(tmp_path: Path) -> None:
     path = tmp_path / "tone.wav"
     with av.open(str(path), "w") as container:
         stream = container.add_stream("pcm_s16le", rate=8000, layout="mono")
-        frame = av.AudioFrame.from_ndarray(
-            np.zeros((1, 800), np.int16), format="s16", layout="mono"
-        )
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
         frame.sample_rate = 8000
         container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
@@ -261,9 +258,7 @@ def test_bad_packets_are_counted_and_skipped(clip: Path, monkeypatch: pytest.Mon
     assert source.decode_errors == 3
 
 
-def test_too_many_consecutive_decode_errors_raise(
-    clip: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_too_many_consecutive_decode_errors_raise(clip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     packets = [_FakePacket(ok=True)] + [_FakePacket(ok=False)] * (MAX_CONSECUTIVE_DECODE_ERRORS + 5)
     with _source_of_packets(clip, monkeypatch, packets) as source:
         frames = source.__iter__()
