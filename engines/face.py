@@ -50,7 +50,7 @@ class CropConfig:
     scale: float = 1.3
     detector_scale: float = 0.9
     detector_shift: float = 0.08
-    detect_width: int = 480
+    detect_width: int = 320  # Haar runs on the frame scaled to this width: 23 ms vs 45 ms at 480
     min_face: float = 0.06  # smallest face side, as a fraction of the frame's shorter side
     mask_confidence: float = 0.75  # mean max-probability over face pixels to trust the mask box
     min_mask_pixels: int = 64

@@ -1,8 +1,9 @@
 """The dynamic segmentation pipeline: one :class:`StreamSegmenter` per video stream.
 
-For every frame: crop the face with the box held since the last key, ask the scheduler, then
-either run N_feat (key: the face box is located anew and the cache refreshed) or warp the cached
-key features by F's flow (non-key). F runs only when the scheduler or the warp needs it.
+For every frame: ask the scheduler (which may run F on the face crop cut with the box held since
+the last key), then either run N_feat (key: the face box is located anew and the cache refreshed)
+or warp the cached key features by F's flow (non-key). F runs only when the scheduler or the warp
+needs it, and at most once per frame.
 """
 
 from __future__ import annotations
@@ -128,12 +129,13 @@ class StreamSegmenter:
         if self._cache is None:
             return self._key(frame, timer, None)
         cache = self._cache
-        with timer.stage("crop"):
-            crop = crop_square(frame, cache.box, self.input_size)
         flow_memo: list[FlowResult] = []
 
         def flow() -> FlowResult:
+            """F on (current crop, key crop), computed once, and only when someone asks."""
             if not flow_memo:
+                with timer.stage("crop"):
+                    crop = crop_square(frame, cache.box, self.input_size)
                 with timer.stage("flow"):
                     flow_memo.append(self._flow(crop, cache))
             return flow_memo[0]
@@ -141,10 +143,10 @@ class StreamSegmenter:
         ctx = DecisionContext(index, self.history, self.networks, flow)
         with timer.stage("policy"):
             decision = self.scheduler.decide(ctx)
-        timer.timings["policy"] -= timer.timings.get("flow", 0.0)
+        timer.timings["policy"] -= timer.timings.get("flow", 0.0) + timer.timings.get("crop", 0.0)
         if decision.key:
             return self._key(frame, timer, decision.value)
-        return self._nonkey(frame, crop, flow(), cache, timer, decision.value)
+        return self._nonkey(frame, flow(), cache, timer, decision.value)
 
     def _flow(self, crop: np.ndarray, cache: _KeyCache) -> FlowResult:
         size = self.networks.flow_config.input_size
@@ -174,7 +176,6 @@ class StreamSegmenter:
     def _nonkey(
         self,
         frame: np.ndarray,
-        crop: np.ndarray,
         flow: FlowResult,
         cache: _KeyCache,
         timer: _Timer,

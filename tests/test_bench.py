@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from facestream.engines.bench import format_tables, run_benchmark
+from facestream.engines.bench import DYNAMIC, KEY_ABOVE, _threshold, format_tables, run_benchmark
 
 CLIP = "lp_d18.mp4"  # 480x480, 30 fps, 216 frames, one face
 FRAMES = 12
-AKIS = (1, 3, 12)  # divisors of FRAMES, so that fixed intervals give exactly these AKIs
+AKIS = (1, 12)  # divisors of FRAMES, so that fixed intervals give exactly these AKIs
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +77,12 @@ def test_format_tables(result: dict) -> None:
     text = format_tables(result)
     assert "| N_feat ResNet-50 |" in text and "| fixed |" in text
     assert "target AKI 12" in text
+
+
+@pytest.mark.parametrize("name", DYNAMIC)
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.5, 1.0])
+def test_threshold_keys_the_wanted_share(name: str, rate: float) -> None:
+    values = np.random.default_rng(0).uniform(0.2, 0.8, size=50)  # inside every knob's range
+    knob = _threshold(values, rate, name)
+    keys = (values > knob) if KEY_ABOVE[name] else (values < knob)
+    assert keys.sum() == round(rate * values.size)
