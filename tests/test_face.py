@@ -1,0 +1,89 @@
+"""Face box, square crop and paste-back geometry; detection on real clips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from facestream.engines.face import Box, CropConfig, FaceLocator, crop_square, paste_scores
+
+
+def test_square_is_scale_times_mean_side_centred() -> None:
+    square = Box(10, 20, 110, 80).square(1.3)  # width 100, height 60 -> side 104
+    assert square.width == pytest.approx(104) and square.height == pytest.approx(104)
+    assert (square.x0 + square.x1) / 2 == pytest.approx(60)
+    assert (square.y0 + square.y1) / 2 == pytest.approx(50)
+
+
+def test_crop_square_takes_the_box_and_pads_outside_with_black() -> None:
+    frame = np.zeros((100, 200, 3), np.uint8)
+    frame[:, :, 0] = np.arange(200, dtype=np.uint8)[None, :]  # red = x
+    crop = crop_square(frame, Box(-50, 0, 50, 100), 100)  # left half lies outside the frame
+    assert crop.shape == (100, 100, 3)
+    assert crop[:, :48].max() == 0  # outside: black
+    assert crop[50, 60, 0] == 10  # crop x 60 -> frame x 10
+
+
+def test_paste_scores_puts_classes_where_the_box_is() -> None:
+    scores = np.zeros((5, 8, 8), np.float32)
+    scores[1] = 1.0  # skin everywhere in the box
+    scores[2, :4, :] = 2.0  # eyes in the upper half of the box
+    mask = paste_scores(scores, Box(40, 20, 120, 100), (120, 160))
+    assert mask.shape == (120, 160) and mask.dtype == np.uint8
+    assert mask[:20].max() == 0 and mask[:, :40].max() == 0 and mask[:, 120:].max() == 0
+    assert mask[30, 80] == 2 and mask[90, 80] == 1
+    rows = np.nonzero((mask == 2).any(axis=1))[0]
+    assert rows.min() == 20 and abs(rows.max() - 59) <= 1  # the upper half of 20..100
+
+
+def test_paste_scores_box_partly_outside_frame() -> None:
+    scores = np.ones((5, 4, 4), np.float32) * np.arange(5, dtype=np.float32)[:, None, None]
+    mask = paste_scores(scores, Box(-30, -30, 30, 30), (50, 50))
+    assert (mask[:30, :30] == 4).all() and mask[30:].max() == 0 and mask[:, 30:].max() == 0
+
+
+def test_paste_scores_box_entirely_outside_gives_background() -> None:
+    mask = paste_scores(np.ones((5, 4, 4), np.float32), Box(200, 200, 260, 260), (50, 50))
+    assert mask.max() == 0
+
+
+def _mask_with_face(box: Box, shape=(200, 200)) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    mask[int(box.y0) : int(box.y1), int(box.x0) : int(box.x1)] = 1
+    return mask
+
+
+def test_mask_box_used_only_when_confident_and_inside_the_square() -> None:
+    locator = FaceLocator(CropConfig(mask_confidence=0.75))
+    square = Box(20, 20, 180, 180)
+    mask = _mask_with_face(Box(60, 50, 140, 150))
+    assert locator.from_mask(mask, 0.9, square) == Box(60, 50, 140, 150)
+    assert locator.from_mask(mask, 0.5, square) is None  # not confident
+    touching = _mask_with_face(Box(20, 50, 140, 150))
+    assert locator.from_mask(touching, 0.9, square) is None  # face may extend beyond the square
+    assert locator.from_mask(np.zeros((200, 200), np.uint8), 0.9, square) is None  # empty
+
+
+@pytest.fixture(scope="module")
+def locator() -> FaceLocator:
+    return FaceLocator()
+
+
+@pytest.mark.parametrize("name", ["lp_d3.mp4", "lp_s18.mp4", "lp_d13.mp4"])
+def test_detector_finds_the_face_on_real_clips(videos_dir: Path, locator: FaceLocator, name: str) -> None:
+    with av.open(str(videos_dir / name)) as container:
+        frame = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    box = locator.detect(frame)
+    assert box is not None
+    height, width = frame.shape[:2]
+    assert 0 <= box.x0 < box.x1 <= width and 0 <= box.y0 < box.y1 <= height
+    assert 0.05 * min(height, width) < box.width < 0.9 * max(height, width)
+
+
+def test_no_face_in_noise_or_black(locator: FaceLocator) -> None:
+    rng = np.random.default_rng(0)
+    assert locator.detect(np.zeros((240, 320, 3), np.uint8)) is None
+    assert locator.locate(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)) is None
