@@ -39,7 +39,7 @@ from facestream.engines.networks import Networks
 from facestream.engines.pipeline import FrameResult, StreamSegmenter, to_chw
 from facestream.engines.schedulers import Decision, DecisionContext, Scheduler, make_scheduler
 from facestream.engines.video import open_source
-from facestream.engines.weights import WeightSet, write_random_weights
+from facestream.engines.weights import WeightSet, save_network, write_random_weights
 from facestream.models.config import BACKBONES, SegmentationConfig
 
 try:  # optional dependency (pip install 'facestream[bench]'); only the plot needs it
@@ -230,7 +230,9 @@ class _NetworkFactory:
         if (size, backbone) not in self._weights:
             config = SegmentationConfig(backbone=backbone, input_size=size)
             folder = self.directory / f"{backbone}-{size}"
-            self._weights[size, backbone] = write_random_weights(folder, config)
+            weights = write_random_weights(folder, config)
+            _cut_expert_feedback(weights)
+            self._weights[size, backbone] = weights
         return self._weights[size, backbone]
 
     def get(self, backend: str, size: int, backbone: str) -> Networks:
@@ -243,6 +245,19 @@ class _NetworkFactory:
     def release(self, keep: tuple[str, int, str]) -> None:
         """Forget every network but ``keep`` (frees memory between measurements)."""
         self._networks = {k: v for k, v in self._networks.items() if k == keep}
+
+
+def _cut_expert_feedback(weights: WeightSet) -> None:
+    """Zero the random policy's weights on [KAR, LKD].
+
+    An untrained policy whose key probability grows with KAR keys every frame once it keys at all,
+    so no tau reaches AKI 10-120. Speed does not depend on weight values, so the benchmark removes
+    that feedback and calibrates tau on the Conv6-driven output like the other thresholds.
+    """
+    policy = weights.load("policy")
+    with torch.no_grad():
+        policy.fc3.weight[:, -2:] = 0.0
+    save_network(policy, weights.paths["policy"], {"trained": False, "note": "bench: expert inputs cut"})
 
 
 def _header(settings: BenchSettings, frames: list[np.ndarray]) -> dict[str, Any]:
