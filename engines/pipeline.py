@@ -148,12 +148,15 @@ class StreamSegmenter:
             return self._key(frame, timer, decision.value)
         return self._nonkey(frame, flow(), cache, timer, decision.value)
 
-    def _flow(self, crop: np.ndarray, cache: _KeyCache) -> FlowResult:
+    def _flow_image(self, crop: np.ndarray) -> np.ndarray:
+        """A face crop as F's input: (3, Sf, Sf) float32 in [0, 1]."""
         size = self.networks.flow_config.input_size
-        small = (
-            crop if crop.shape[0] == size else cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
-        )
-        pair = np.concatenate((to_chw(small), cache.flow_image))[None]
+        if crop.shape[0] != size:
+            crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+        return to_chw(crop)
+
+    def _flow(self, crop: np.ndarray, cache: _KeyCache) -> FlowResult:
+        pair = np.concatenate((self._flow_image(crop), cache.flow_image))[None]
         return self.networks.flow(pair)
 
     def _key(self, frame: np.ndarray, timer: _Timer, value: float | None) -> FrameResult:
@@ -165,11 +168,7 @@ class StreamSegmenter:
             crop = crop_square(frame, square, self.input_size)
         with timer.stage("key"):
             features = self.networks.features(to_chw(crop)[None])
-        size = self.networks.flow_config.input_size
-        small = (
-            cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA) if size != crop.shape[0] else crop
-        )
-        self._cache = _KeyCache(square, features, to_chw(small))
+        self._cache = _KeyCache(square, features, self._flow_image(crop))
         self.history.record(True)
         return self._finish(frame, features, square, True, timer, value)
 

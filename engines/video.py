@@ -47,6 +47,24 @@ PALETTE.setflags(write=False)
 NUM_CLASSES = len(PALETTE)
 
 
+class _Closing:
+    """Context-manager support for objects with a ``close()``."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 class VideoSourceError(ValueError):
     """A video source cannot be opened or read (missing, unreachable, not a video, corrupt)."""
 
@@ -112,7 +130,7 @@ def _plan_open(spec: str, timeout_s: float) -> _OpenPlan:
     return _OpenPlan(spec, {}, f"video file {spec!r}", threaded=True)
 
 
-class VideoSource:
+class VideoSource(_Closing):
     """Decoded RGB frames of one opened container; a single-pass iterable of :class:`VideoFrame`.
 
     A packet that fails to decode with ``InvalidDataError`` is skipped and counted in
@@ -212,17 +230,6 @@ class VideoSource:
             self._closed = True
             self._container.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return (
             f"VideoSource({self.spec!r}, {self.width}x{self.height}, fps={self.fps:.3g}, "
@@ -253,7 +260,7 @@ CODEC_OPTIONS = {
 }
 
 
-class VideoWriter:
+class VideoWriter(_Closing):
     """Write RGB uint8 frames to an mp4, yuv420p, ``codec`` (default :data:`VIDEO_CODEC`).
 
     ``width``/``height`` are the size of the frames passed to :meth:`write`. yuv420p needs even
@@ -321,17 +328,6 @@ class VideoWriter:
             self._container.mux(self._stream.encode(None))
         finally:
             self._container.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class MaskWriter:
