@@ -31,7 +31,7 @@ bench: ## per-stage cost and end-to-end FPS per scheduler -> bench/bench.json + 
 lint:
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy engines models facestream
+	$(BIN)/mypy engines models training facestream
 
 format:
 	$(BIN)/ruff check --fix .
