@@ -34,7 +34,7 @@ import onnxruntime as ort
 import torch
 
 from facestream.engines.backends import BACKENDS, create_networks
-from facestream.engines.face import FaceLocator
+from facestream.engines.face import Box, FaceLocator, crop_square
 from facestream.engines.networks import Networks
 from facestream.engines.pipeline import FrameResult, StreamSegmenter, to_chw
 from facestream.engines.schedulers import Decision, DecisionContext, Scheduler, make_scheduler
@@ -404,9 +404,8 @@ def _square(frame: np.ndarray, size: int) -> np.ndarray:
     """The centre square of an (H, W, 3) frame resized to ``size`` × ``size``."""
     height, width = frame.shape[:2]
     side = min(height, width)
-    y0, x0 = (height - side) // 2, (width - side) // 2
-    square = frame[y0 : y0 + side, x0 : x0 + side]
-    return cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)
+    x0, y0 = (width - side) / 2, (height - side) / 2
+    return crop_square(frame, Box(x0, y0, x0 + side, y0 + side), size)
 
 
 def _key_call(networks: Networks, frame: np.ndarray) -> Callable[[], object]:

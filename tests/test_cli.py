@@ -12,10 +12,9 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from helpers import random_weights
 
 from facestream.engines.video import read_mask
-from facestream.engines.weights import write_random_weights
-from facestream.models import SegmentationConfig
 
 FRAMES = 24
 
@@ -41,9 +40,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("weights")
-    write_random_weights(directory, SegmentationConfig(input_size=128))
-    return directory
+    return random_weights(tmp_path_factory, input_size=128).directory
 
 
 def test_segment_writes_overlay_masks_and_report(
