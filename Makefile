@@ -5,15 +5,16 @@ BIN := $(VENV)/bin
 CLIP ?= ../shared/data/videos/lp_d3.mp4
 HOST ?= 127.0.0.1
 PORT ?= 8000
+MEDIAPIPE_VENV ?= .venv-mediapipe
 
-.PHONY: install run test test-all bench lint format clean
+.PHONY: install run test test-all bench lint format clean teacher-mediapipe
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
 install: $(BIN)/python  ## create .venv and install facestream with the dev tools (CPU)
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,train]'
 	$(BIN)/facestream --version
 
 run: ## segment a real clip with the default weights (FACESTREAM_WEIGHTS or --weights)
@@ -27,6 +28,14 @@ test-all: ## every test this machine can run
 
 bench: ## per-stage cost and end-to-end FPS per scheduler -> bench/bench.json + bench/bench.png
 	$(BIN)/facestream bench --clip $(CLIP) --out bench --threads 2
+
+teacher-mediapipe: $(MEDIAPIPE_VENV)/bin/python  ## MediaPipe Face Mesh labelling teacher in its own .venv-mediapipe (numpy<2)
+
+$(MEDIAPIPE_VENV)/bin/python:
+	$(PYTHON) -m venv $(MEDIAPIPE_VENV)
+	$(MEDIAPIPE_VENV)/bin/pip install --quiet --upgrade pip
+	$(MEDIAPIPE_VENV)/bin/pip install --quiet mediapipe==0.10.21 || { rm -rf $(MEDIAPIPE_VENV); exit 1; }
+	$(MEDIAPIPE_VENV)/bin/python -c "import mediapipe; print('mediapipe', mediapipe.__version__)"
 
 lint:
 	$(BIN)/ruff check .

@@ -56,12 +56,16 @@ class CropConfig:
     min_mask_pixels: int = 64
 
 
-def crop_square(frame: np.ndarray, box: Box, size: int) -> np.ndarray:
-    """The square ``box`` of ``frame`` resized to ``size`` x ``size`` (black outside the frame)."""
+def crop_square(frame: np.ndarray, box: Box, size: int, *, nearest: bool = False) -> np.ndarray:
+    """The square ``box`` of ``frame`` resized to ``size`` x ``size`` (black outside the frame).
+
+    ``nearest`` samples without interpolation: for label maps of class ids.
+    """
     side = box.width
     s = size / side
     matrix = np.array([[s, 0.0, -box.x0 * s], [0.0, s, -box.y0 * s]], dtype=np.float64)
-    return cv2.warpAffine(frame, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    flags = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+    return cv2.warpAffine(frame, matrix, (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT)
 
 
 def paste_scores(scores: np.ndarray, box: Box, frame_hw: tuple[int, int]) -> np.ndarray:

@@ -70,6 +70,13 @@ def to_chw(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) * (1.0 / 255.0)
 
 
+def flow_image(crop: np.ndarray, size: int) -> np.ndarray:
+    """A (S, S, 3) uint8 face crop as F's input: (3, size, size) float32 in [0, 1] (area-resized)."""
+    if crop.shape[0] != size:
+        crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+    return to_chw(crop)
+
+
 def mask_confidence(scores: np.ndarray) -> float:
     """Mean max-softmax probability over the face (non-background) pixels of (K, h, w) scores."""
     shifted = scores - scores.max(axis=0, keepdims=True)
@@ -149,11 +156,7 @@ class StreamSegmenter:
         return self._nonkey(frame, flow(), cache, timer, decision.value)
 
     def _flow_image(self, crop: np.ndarray) -> np.ndarray:
-        """A face crop as F's input: (3, Sf, Sf) float32 in [0, 1]."""
-        size = self.networks.flow_config.input_size
-        if crop.shape[0] != size:
-            crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
-        return to_chw(crop)
+        return flow_image(crop, self.networks.flow_config.input_size)
 
     def _flow(self, crop: np.ndarray, cache: _KeyCache) -> FlowResult:
         pair = np.concatenate((self._flow_image(crop), cache.flow_image))[None]

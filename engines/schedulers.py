@@ -69,7 +69,9 @@ class DecisionContext:
     """What a scheduler may look at for the frame being decided.
 
     ``flow()`` runs F on (current, key) the first time it is called and caches the result, so the
-    pipeline reuses it for the warp when the frame turns out non-key.
+    pipeline reuses it for the warp when the frame turns out non-key. The other questions
+    (``flow_magnitude``, ``dvsnet_score``, ``key_probability``) are answered from that flow; the
+    offline evaluation replays them from its per-pair cache instead (``training.evaluation``).
     """
 
     index: int
@@ -79,6 +81,24 @@ class DecisionContext:
 
     def flow(self) -> FlowResult:
         return self._flow()
+
+    def flow_magnitude(self) -> float:
+        """Mean flow magnitude to the key, in pixels of the segmentation input."""
+        seg = self.networks.segmentation_config
+        return float(mean_flow_magnitude(self.flow().flow, seg.input_size / seg.feature_size)[0])
+
+    def dvsnet_score(self) -> float:
+        return float(self.networks.dvsnet_score(self.flow().conv6)[0])
+
+    def key_probability(self) -> float:
+        """pi(a1 | s) for s = (Conv6 features to the key, the history's [KAR, LKD/window])."""
+        return float(self.networks.key_probability(self.flow().conv6, self.history.expert())[0])
+
+
+def mean_flow_magnitude(flow: np.ndarray, stride: float) -> np.ndarray:
+    """(B,) mean magnitude of flow fields (B, 2, h, w) given in feature-grid pixels, times
+    ``stride`` (input pixels per feature-grid pixel)."""
+    return np.sqrt((flow.astype(np.float64) ** 2).sum(axis=1)).mean(axis=(1, 2)) * stride
 
 
 @dataclass(frozen=True)
@@ -156,10 +176,7 @@ class FlowMagnitudeScheduler(Scheduler):
         self.threshold = float(threshold)
 
     def decide(self, ctx: DecisionContext) -> Decision:
-        result = ctx.flow()
-        seg = ctx.networks.segmentation_config
-        pixels = seg.input_size / seg.feature_size  # feature-grid pixel -> input pixel
-        magnitude = float(np.sqrt((result.flow[0] ** 2).sum(axis=0)).mean() * pixels)
+        magnitude = ctx.flow_magnitude()
         return Decision(magnitude > self.threshold, magnitude)
 
 
@@ -172,7 +189,7 @@ class DVSNetScheduler(Scheduler):
         self.threshold = float(threshold)
 
     def decide(self, ctx: DecisionContext) -> Decision:
-        score = float(ctx.networks.dvsnet_score(ctx.flow().conv6)[0])
+        score = ctx.dvsnet_score()
         return Decision(score < self.threshold, score)
 
 
@@ -185,7 +202,7 @@ class RLScheduler(Scheduler):
         self.tau = float(tau)
 
     def decide(self, ctx: DecisionContext) -> Decision:
-        prob = float(ctx.networks.key_probability(ctx.flow().conv6, ctx.history.expert())[0])
+        prob = ctx.key_probability()
         return Decision(prob > self.tau, prob)
 
 

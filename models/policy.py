@@ -28,17 +28,27 @@ class KeyPolicy(nn.Module):
 
     def forward(self, conv6: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """Logits (B, 2) from Conv6 features (B, C, s, s) and expert info (B, 2) = [KAR, LKD/window]."""
+        return self.head(self.trunk(conv6), expert)
+
+    def trunk(self, conv6: torch.Tensor) -> torch.Tensor:
+        """The part that sees only D: Conv6 features (B, C, s, s) -> FC2 activations (B, 128).
+
+        Split out so that evaluation and RL training can run it once per frame pair and replay
+        ``head`` under different decision histories."""
         cfg = self.config
         expected = (cfg.in_channels, cfg.conv6_size, cfg.conv6_size)
         if tuple(conv6.shape[1:]) != expected:
             raise ValueError(f"KeyPolicy expects Conv6 features (B,{expected}), got {tuple(conv6.shape)}")
-        if expert.dim() != 2 or expert.shape[1] != 2:
-            raise ValueError(f"KeyPolicy expects expert info (B,2), got {tuple(expert.shape)}")
         x = torch.relu(self.conv0(conv6)).flatten(1)
         x = torch.relu(self.fc0(x))
         x = torch.relu(self.fc1(x))
-        x = torch.relu(self.fc2(x))
-        return self.fc3(torch.cat((x, expert.to(x.dtype)), dim=1))
+        return torch.relu(self.fc2(x))
+
+    def head(self, trunk: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """FC3 on [trunk (B, 128), expert (B, 2)] -> logits (B, 2)."""
+        if expert.dim() != 2 or expert.shape[1] != 2:
+            raise ValueError(f"KeyPolicy expects expert info (B,2), got {tuple(expert.shape)}")
+        return self.fc3(torch.cat((trunk, expert.to(trunk.dtype)), dim=1))
 
     def key_probability(self, conv6: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """pi(a1 | s), shape (B,)."""

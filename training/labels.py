@@ -8,7 +8,7 @@ overwrites earlier): skin, eyes, outer mouth, inner mouth.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import cv2
@@ -101,18 +101,28 @@ def outline(landmarks: np.ndarray, runs: Sequence[Sequence[int]]) -> np.ndarray:
     return np.concatenate([natural_cubic_spline(landmarks[np.asarray(run) - 1]) for run in runs])
 
 
-def paint_label(landmarks: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(H, W) uint8 label of class ids 0-4 drawn from 68 landmarks (x, y) in pixel coordinates."""
+def paint_polygons(polygons: Iterable[tuple[int, np.ndarray]], height: int, width: int) -> np.ndarray:
+    """(H, W) uint8 label: closed outlines (class id, (M, 2) sub-pixel x, y) filled in order on
+    background 0; later polygons overwrite earlier ones."""
+    label = np.zeros((height, width), dtype=np.uint8)
+    shift = 4  # sub-pixel polygon vertices for cv2.fillPoly
+    for class_id, points in polygons:
+        vertices = np.round(np.asarray(points, dtype=np.float64) * (1 << shift)).astype(np.int32)
+        cv2.fillPoly(label, [vertices], int(class_id), lineType=cv2.LINE_8, shift=shift)
+    return label
+
+
+def part_outlines(landmarks: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """The recipe's (class id, closed outline) list for 68 landmarks, in paint order."""
     landmarks = np.asarray(landmarks, dtype=np.float64)
     if landmarks.shape != (68, 2):
         raise ValueError(f"need 68 landmarks (x, y), got {landmarks.shape}")
-    label = np.zeros((height, width), dtype=np.uint8)
-    shift = 4  # sub-pixel polygon vertices for cv2.fillPoly
-    for class_id, polygons in PARTS:
-        for runs in polygons:
-            vertices = np.round(outline(landmarks, runs) * (1 << shift)).astype(np.int32)
-            cv2.fillPoly(label, [vertices], int(class_id), lineType=cv2.LINE_8, shift=shift)
-    return label
+    return [(class_id, outline(landmarks, runs)) for class_id, polygons in PARTS for runs in polygons]
+
+
+def paint_label(landmarks: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(H, W) uint8 label of class ids 0-4 drawn from 68 landmarks (x, y) in pixel coordinates."""
+    return paint_polygons(part_outlines(landmarks), height, width)
 
 
 def landmark_crop_box(landmarks: np.ndarray, scale: float = CROP_SCALE) -> Box:

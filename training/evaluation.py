@@ -1,0 +1,533 @@
+"""`facestream evaluate`: every key scheduler on a test set, measured as in §4 of the paper.
+
+How it works, and why it is fast enough for a full sweep on two cores:
+
+1. **Pair table** (per clip, cached on disk): for every scored frame ``i`` and every gap
+   ``g = 0 .. G`` to an earlier scored frame ``k = i - g`` of the same episode, the confusion
+   matrix of frame ``i``'s result when ``k`` is its key (``g = 0``: N on frame ``i`` itself;
+   ``g > 0``: ``k``'s scores warped by F's flow and scale, exactly the pipeline's non-key path),
+   plus what schedulers look at for that pair: F's Conv6 features and the mean flow magnitude.
+   The face crop of a key is the teacher's 1.3x square of that key frame (the paper crops faces
+   by their landmarks), held for its non-key frames as the pipeline holds it.
+2. **Replay**: each scheduler setting walks the episodes frame by frame with the engine's own
+   scheduler classes; their questions (flow magnitude, DVSNet score, policy probability) are
+   answered from the table. A walk that would exceed the gap limit ``G`` gets a forced key
+   (counted in ``forced_keys``).
+3. **Oracle**: the DP of :mod:`facestream.training.oracle` on the per-frame mIoU table gives,
+   for every key count, the placement with the best mean per-frame mIoU -- the upper bound that
+   grades every scheduler at equal AKI.
+
+mIoU: per-class IoU from one confusion matrix accumulated over all scored frames, averaged over
+the 5 classes (``miou``); per-frame mIoU averages the classes present in the frame's label or
+result (``frame_miou`` is its mean). Scoring happens on the label's own face crop of each frame at
+``eval_size``². Every episode (a run of consecutive frames with a face) starts with a key.
+
+FPS is modelled from stage latencies measured on this machine with the same backend (one frame
+at a time): key = N_feat + N_task, non-key = F + warp + N_task, plus F and the decision network
+on every decision of schedulers that look at the flow. Decoding, face detection and drawing are
+left out (``facestream bench`` measures the whole pipeline).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from facestream.engines.face import Box, crop_square
+from facestream.engines.networks import FlowResult, Networks
+from facestream.engines.pipeline import flow_image, to_chw
+from facestream.engines.schedulers import (
+    WINDOW,
+    DecisionContext,
+    DecisionHistory,
+    Scheduler,
+    mean_flow_magnitude,
+)
+from facestream.engines.weights import load_network, read_metadata
+from facestream.models import KeyPolicy
+from facestream.training.manifest import Clip
+from facestream.training.oracle import Oracle
+
+NUM_CLASSES = 5
+SCHEDULER_NAMES = ("always", "fixed", "random", "flow", "dvsnet", "rl")
+FIXED_GRID = (2, 3, 5, 10, 15, 20, 30, 45, 60, 90)
+QUANTILES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+TAU_GRID = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``max_gap``: the longest key-to-frame distance in the pair table (and the forced-key limit).
+    ``eval_size``: side of the grid frames are scored on (default: N's input size).
+    ``batch``: frame pairs per F call."""
+
+    max_gap: int = 90
+    eval_size: int | None = None
+    batch: int = 16
+    window: int = WINDOW
+
+    def __post_init__(self) -> None:
+        if self.max_gap < 1 or self.batch < 1:
+            raise ValueError(f"max_gap and batch must be >= 1, got {self.max_gap}, {self.batch}")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def per_class_iou(confusion: np.ndarray) -> np.ndarray:
+    """(..., K, K) confusion (rows: label, columns: prediction) -> (..., K) IoU, NaN where a class
+    is in neither label nor prediction."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    tp = np.diagonal(confusion, axis1=-2, axis2=-1)
+    union = confusion.sum(axis=-1) + confusion.sum(axis=-2) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / union, np.nan)
+
+
+def miou(confusion: np.ndarray) -> np.ndarray | float:
+    """Mean IoU over the classes present (label or prediction) of (..., K, K) confusions."""
+    iou = per_class_iou(confusion)
+    present = ~np.isnan(iou)
+    total = np.where(present, iou, 0.0).sum(axis=-1)
+    count = present.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        result = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return float(result) if np.ndim(result) == 0 else result
+
+
+# ----------------------------------------------------------------------------- pair table
+
+
+@dataclass
+class PairTable:
+    """Per clip: everything the schedulers and the oracle need, indexed ``[frame i, gap g]``."""
+
+    clip_id: str
+    scored: np.ndarray  # (T,) bool: frames with a face and a label
+    valid: np.ndarray  # (T, G+1) bool: pair computed (both frames scored, same episode)
+    confusion: np.ndarray  # (T, G+1, K, K) int64
+    magnitude: np.ndarray  # (T, G+1) float32, mean flow magnitude in N-input pixels
+    conv6: np.ndarray  # (T, G+1, C6, s, s) float16
+
+    @property
+    def frames(self) -> int:
+        return len(self.scored)
+
+    @property
+    def max_gap(self) -> int:
+        return self.valid.shape[1] - 1
+
+    def episodes(self) -> list[tuple[int, int]]:
+        """Maximal runs [start, stop) of consecutive scored frames."""
+        runs, start = [], None
+        for i, scored in enumerate([*self.scored.tolist(), False]):
+            if scored and start is None:
+                start = i
+            elif not scored and start is not None:
+                runs.append((start, i))
+                start = None
+        return runs
+
+    def frame_miou(self) -> np.ndarray:
+        """(T, G+1) per-frame mIoU, -inf where the pair is missing."""
+        values = np.asarray(miou(self.confusion), dtype=np.float64)
+        return np.where(self.valid & ~np.isnan(values), values, -np.inf)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, clip_id=self.clip_id, **{k: v for k, v in asdict(self).items() if k != "clip_id"})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> PairTable:
+        with np.load(path) as data:
+            return cls(
+                str(data["clip_id"]),
+                *(data[k] for k in ("scored", "valid", "confusion", "magnitude", "conv6")),
+            )
+
+
+@dataclass
+class _Key:
+    box: Box
+    features: np.ndarray  # (1, C, h, w)
+    flow_image: np.ndarray  # (3, Sf, Sf)
+
+
+class PairBuilder:
+    """Runs N, F, the warp and N_task over a clip's frame pairs (the pipeline's arithmetic)."""
+
+    def __init__(self, networks: Networks, config: EvalConfig) -> None:
+        self.networks, self.config = networks, config
+        seg = networks.segmentation_config
+        self.size = seg.input_size
+        self.flow_size = networks.flow_config.input_size
+        self.eval_size = config.eval_size or seg.input_size
+        self.stride = seg.input_size / seg.feature_size
+
+    def key(self, rgb: np.ndarray, box: Box) -> _Key:
+        crop = crop_square(rgb, box, self.size)
+        return _Key(box, self.networks.features(to_chw(crop)[None]), flow_image(crop, self.flow_size))
+
+    def warp(self, rgb: np.ndarray, keys: Sequence[_Key]) -> tuple[np.ndarray, FlowResult]:
+        """Class scores (B, K, h, w) of frame ``rgb`` warped from each key (in each key's crop)."""
+        current = np.stack([flow_image(crop_square(rgb, k.box, self.size), self.flow_size) for k in keys])
+        key_images = np.stack([k.flow_image for k in keys])
+        flow = self.networks.flow(np.concatenate((current, key_images), axis=1))
+        features = np.concatenate([k.features for k in keys])
+        warped = self.networks.warp(features, flow.flow, flow.scale)
+        return self.networks.task(warped), flow
+
+    def predictions(self, scores: np.ndarray, key_boxes: Sequence[Box], box: Box) -> torch.Tensor:
+        """(B, R, R) class ids on frame box ``box``'s eval grid from scores over each key's box."""
+        theta = torch.tensor([_affine(kb, box) for kb in key_boxes], dtype=torch.float32)
+        size = (len(key_boxes), scores.shape[1], self.eval_size, self.eval_size)
+        grid = F.affine_grid(theta, list(size), align_corners=False)
+        sampled = F.grid_sample(
+            torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32)),
+            grid,
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=False,
+        )
+        pred = sampled.argmax(dim=1)
+        pred[~(grid.abs() <= 1).all(dim=-1)] = 0  # outside the key's crop: background (as pasted)
+        return pred
+
+    def label_grid(self, label: np.ndarray, box: Box) -> torch.Tensor:
+        return torch.from_numpy(crop_square(label, box, self.eval_size, nearest=True).astype(np.int64))
+
+
+def _affine(key_box: Box, box: Box) -> list[list[float]]:
+    """affine_grid theta mapping ``box``'s normalised grid onto ``key_box``'s (align_corners=False)."""
+    sx, sy = box.width / key_box.width, box.height / key_box.height
+    tx = (box.width + 2 * (box.x0 - key_box.x0)) / key_box.width - 1
+    ty = (box.height + 2 * (box.y0 - key_box.y0)) / key_box.height - 1
+    return [[sx, 0.0, tx], [0.0, sy, ty]]
+
+
+def confusions(pred: torch.Tensor, label: torch.Tensor, classes: int = NUM_CLASSES) -> np.ndarray:
+    """(B, R, R) predictions vs one (R, R) label -> (B, K, K) int64 confusion matrices."""
+    batch = pred.shape[0]
+    index = label.flatten()[None, :] * classes + pred.flatten(1)
+    index = index + torch.arange(batch)[:, None] * classes * classes
+    counts = torch.bincount(index.flatten(), minlength=batch * classes * classes)
+    return counts.view(batch, classes, classes).numpy().astype(np.int64)
+
+
+def build_pair_table(
+    clip: Clip, networks: Networks, config: EvalConfig, *, progress: bool = True
+) -> PairTable:
+    """The pair table of one clip (the expensive part of an evaluation)."""
+    builder = PairBuilder(networks, config)
+    frames = list(_scored_frames(clip))
+    count = len(frames)
+    gaps = config.max_gap + 1
+    six = networks.flow_config
+    table = PairTable(
+        clip.clip_id,
+        np.array([f[1] is not None for f in frames], dtype=bool),
+        np.zeros((count, gaps), dtype=bool),
+        np.zeros((count, gaps, NUM_CLASSES, NUM_CLASSES), dtype=np.int64),
+        np.zeros((count, gaps), dtype=np.float32),
+        np.zeros((count, gaps, six.conv6_channels, six.conv6_size, six.conv6_size), dtype=np.float16),
+    )
+    window: OrderedDict[int, _Key] = OrderedDict()
+    for i, (rgb, box, label) in enumerate(tqdm(frames, desc=f"pairs {clip.clip_id}", disable=not progress)):
+        if box is None or label is None:
+            window.clear()  # an unscored frame ends the episode
+            continue
+        _add_frame(table, builder, window, i, rgb, box, builder.label_grid(label, box))
+        while window and next(iter(window)) <= i - config.max_gap:
+            window.popitem(last=False)
+    return table
+
+
+def _scored_frames(clip: Clip) -> Iterator[tuple[np.ndarray, Box | None, np.ndarray | None]]:
+    labelled = set(clip.labelled)
+    for i, rgb in enumerate(clip.frames()):
+        yield (rgb, clip.box(i), clip.label(i)) if i in labelled else (rgb, None, None)
+
+
+def _add_frame(
+    table: PairTable,
+    builder: PairBuilder,
+    window: OrderedDict[int, _Key],
+    i: int,
+    rgb: np.ndarray,
+    box: Box,
+    label: torch.Tensor,
+) -> None:
+    key = builder.key(rgb, box)
+    scores = builder.networks.task(key.features)
+    table.confusion[i, 0] = confusions(builder.predictions(scores, [box], box), label)[0]
+    table.valid[i, 0] = True
+    ks = list(window)
+    for start in range(0, len(ks), builder.config.batch):
+        chunk = ks[start : start + builder.config.batch]
+        keys = [window[k] for k in chunk]
+        scores, flow = builder.warp(rgb, keys)
+        gaps = [i - k for k in chunk]
+        pred = builder.predictions(scores, [k.box for k in keys], box)
+        table.confusion[i, gaps] = confusions(pred, label)
+        table.valid[i, gaps] = True
+        table.magnitude[i, gaps] = mean_flow_magnitude(flow.flow, builder.stride)
+        table.conv6[i, gaps] = flow.conv6.astype(np.float16)
+    window[i] = key
+
+
+def clip_identity(clip: Clip) -> str:
+    """What the cached table depends on from the clip: its labels' metadata, or its frame list."""
+    meta = getattr(clip, "meta", None)
+    text = json.dumps(meta, sort_keys=True) if meta is not None else f"{clip.clip_id}:{clip.labelled}"
+    return text
+
+
+def cached_pair_table(
+    clip: Clip, networks: Networks, fingerprint: str, config: EvalConfig, cache: Path | None, progress: bool
+) -> PairTable:
+    """The pair table from ``cache`` when its inputs (labels, weights, config) are unchanged."""
+    if cache is None:
+        return build_pair_table(clip, networks, config, progress=progress)
+    key = json.dumps([clip_identity(clip), fingerprint, asdict(config), networks.backend])
+    path = cache / f"{clip.clip_id}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    if path.is_file():
+        return PairTable.load(path)
+    table = build_pair_table(clip, networks, config, progress=progress)
+    table.save(path)
+    return table
+
+
+# ----------------------------------------------------------------------------- replay
+
+
+class PolicyReplay:
+    """A trained key policy answered from cached Conv6 features: the trunk runs once per pair,
+    FC3 per decision (``pi(a1) = sigmoid(a + w_KAR * KAR + w_LKD * LKD/window)``)."""
+
+    def __init__(self, path: Path, tables: Sequence[PairTable]) -> None:
+        self.path = path
+        policy = load_network(path)
+        if not isinstance(policy, KeyPolicy):
+            raise ValueError(f"{path} is not a key policy")
+        card = json.loads(read_metadata(path).get("card", "{}"))
+        self.eta: float | None = card.get("eta")
+        weight, bias = policy.fc3.weight.detach(), policy.fc3.bias.detach()
+        diff = (weight[1] - weight[0]).double().numpy()
+        self._w_state, self._w_expert = diff[:-2], diff[-2:]
+        self._b = float(bias[1] - bias[0])
+        self.base = {t.clip_id: self._base(policy, t) for t in tables}
+
+    @torch.inference_mode()
+    def _base(self, policy: KeyPolicy, table: PairTable) -> np.ndarray:
+        base = np.zeros(table.valid.shape, dtype=np.float64)
+        index = np.nonzero(table.valid[:, 1:])
+        conv6 = table.conv6[:, 1:][index]
+        for start in range(0, len(conv6), 512):
+            trunk = policy.trunk(torch.from_numpy(conv6[start : start + 512].astype(np.float32)))
+            rows = (index[0][start : start + 512], index[1][start : start + 512] + 1)
+            base[rows] = trunk.double().numpy() @ self._w_state + self._b
+        return base
+
+    def probability(self, clip_id: str, i: int, gap: int, expert: np.ndarray) -> float:
+        logit = self.base[clip_id][i, gap] + float(expert[0] @ self._w_expert)
+        return float(1.0 / (1.0 + np.exp(-logit)))
+
+
+@dataclass
+class ReplayContext(DecisionContext):
+    """A decision context answered from the pair table (no network runs during the replay)."""
+
+    table: PairTable | None = None
+    gap: int = 0
+    policy: PolicyReplay | None = None
+    dvsnet: np.ndarray | None = None
+
+    def flow(self) -> FlowResult:
+        raise RuntimeError("the evaluation replays cached pairs: flow fields are not kept")
+
+    def flow_magnitude(self) -> float:
+        assert self.table is not None
+        return float(self.table.magnitude[self.index, self.gap])
+
+    def dvsnet_score(self) -> float:
+        if self.dvsnet is None:
+            raise ValueError("the dvsnet scheduler needs dvsnet.safetensors in the weights folder")
+        return float(self.dvsnet[self.index, self.gap])
+
+    def key_probability(self) -> float:
+        if self.policy is None or self.table is None:
+            raise ValueError("the rl scheduler needs a policy (policy.safetensors or --policy)")
+        return self.policy.probability(self.table.clip_id, self.index, self.gap, self.history.expert())
+
+
+def _no_flow() -> FlowResult:
+    raise RuntimeError("the evaluation replays cached pairs: flow fields are not kept")
+
+
+@dataclass
+class Walk:
+    """One scheduler setting over the whole set."""
+
+    confusion: np.ndarray = field(default_factory=lambda: np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64))
+    frame_mious: list[float] = field(default_factory=list)
+    keys: int = 0
+    forced: int = 0
+    decisions: int = 0  # decisions taken (frames after an episode's first)
+    intervals: list[int] = field(default_factory=list)
+    key_frames: dict[str, list[int]] = field(default_factory=dict)
+    frame_miou_by_clip: dict[str, list[float | None]] = field(default_factory=dict)
+
+    @property
+    def frames(self) -> int:
+        return len(self.frame_mious)
+
+    def score(self, table: PairTable, i: int, gap: int) -> None:
+        confusion = table.confusion[i, gap]
+        self.confusion += confusion
+        value = miou(confusion)
+        self.frame_mious.append(float(value))
+        self.frame_miou_by_clip[table.clip_id][i] = float(value)
+
+    def key(self, table: PairTable, i: int, last: int | None) -> None:
+        self.keys += 1
+        self.key_frames[table.clip_id].append(i)
+        if last is not None:
+            self.intervals.append(i - last)
+
+    def start_clip(self, table: PairTable) -> None:
+        self.key_frames[table.clip_id] = []
+        self.frame_miou_by_clip[table.clip_id] = [None] * table.frames
+
+
+def replay(
+    scheduler: Scheduler,
+    tables: Sequence[PairTable],
+    networks: Networks,
+    *,
+    window: int = WINDOW,
+    policy: PolicyReplay | None = None,
+    dvsnet: dict[str, np.ndarray] | None = None,
+) -> Walk:
+    """Run ``scheduler`` over every episode of ``tables`` (each episode starts with a key)."""
+    walk = Walk()
+    for table in tables:
+        walk.start_clip(table)
+        scores = None if dvsnet is None else dvsnet[table.clip_id]
+        for start, stop in table.episodes():
+            scheduler.reset()
+            history = DecisionHistory(window)
+            last = start
+            walk.key(table, start, None)
+            history.record(True)
+            walk.score(table, start, 0)
+            for i in range(start + 1, stop):
+                gap = i - last
+                walk.decisions += 1
+                if gap > table.max_gap:
+                    key, walk.forced = True, walk.forced + 1
+                else:
+                    ctx = ReplayContext(i, history, networks, _no_flow, table, gap, policy, scores)
+                    key = scheduler.decide(ctx).key
+                if key:
+                    walk.key(table, i, last)
+                    last, gap = i, 0
+                history.record(key)
+                walk.score(table, i, gap)
+    return walk
+
+
+def oracle_walk(oracle: Oracle, tables: Sequence[PairTable], keys: int) -> Walk:
+    """The oracle's placement with ``keys`` keys, scored like any other walk."""
+    placement = oracle.placement(keys)
+    walk, episode = Walk(), 0
+    for table in tables:
+        walk.start_clip(table)
+        for start, stop in table.episodes():
+            positions = {start + p for p in placement.keys[episode]}
+            episode += 1
+            last: int | None = None
+            for i in range(start, stop):
+                if i in positions:
+                    walk.key(table, i, last)
+                    last = i
+                else:
+                    walk.decisions += 1
+                assert last is not None
+                walk.score(table, i, i - last)
+    return walk
+
+
+# ----------------------------------------------------------------------------- costs
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Median milliseconds per frame of each stage (batch 1, this machine, this backend)."""
+
+    key: float  # N_feat + N_task
+    flow: float
+    warp: float  # warp + N_task
+    policy: float
+    dvsnet: float
+
+    def fps(self, scheduler: str, walk: Walk) -> float:
+        decide = {"flow": 0.0, "dvsnet": self.dvsnet, "rl": self.policy}
+        nonkeys = walk.frames - walk.keys
+        total = walk.keys * self.key + nonkeys * (self.flow + self.warp)
+        if scheduler in decide:
+            keys_after_decision = walk.keys - (walk.frames - walk.decisions)
+            total += keys_after_decision * self.flow + walk.decisions * decide[scheduler]
+        return 1000.0 * walk.frames / total if total > 0 else 0.0
+
+
+def measure_costs(networks: Networks, repeats: int = 15) -> StageCosts:
+    """Median latency of each stage on random inputs of the right shapes."""
+    seg, flow_cfg = networks.segmentation_config, networks.flow_config
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 3, seg.input_size, seg.input_size), dtype=np.float32)
+    pair = rng.random((1, 6, flow_cfg.input_size, flow_cfg.input_size), dtype=np.float32)
+    features = networks.features(image)
+    flow = networks.flow(pair)
+    expert = np.array([[0.1, 0.5]], dtype=np.float32)
+
+    def timed(fn: Callable[[], object]) -> float:
+        fn()
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+        return float(np.median(samples))
+
+    return StageCosts(
+        key=timed(lambda: networks.task(networks.features(image))),
+        flow=timed(lambda: networks.flow(pair)),
+        warp=timed(lambda: networks.task(networks.warp(features, flow.flow, flow.scale))),
+        policy=timed(lambda: networks.key_probability(flow.conv6, expert)) if networks.has_policy else 0.0,
+        dvsnet=timed(lambda: networks.dvsnet_score(flow.conv6)) if networks.has_dvsnet else 0.0,
+    )
+
+
+def dvsnet_scores(networks: Networks, tables: Sequence[PairTable]) -> dict[str, np.ndarray]:
+    """DVSNet's predicted score for every computed pair, per clip."""
+    scores = {}
+    for table in tables:
+        values = np.ones(table.valid.shape, dtype=np.float32)
+        index = np.nonzero(table.valid[:, 1:])
+        conv6 = table.conv6[:, 1:][index].astype(np.float32)
+        out = [networks.dvsnet_score(conv6[s : s + 256]) for s in range(0, len(conv6), 256)]
+        values[index[0], index[1] + 1] = np.concatenate(out) if out else []
+        scores[table.clip_id] = values
+    return scores

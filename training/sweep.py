@@ -1,0 +1,324 @@
+"""The evaluation run: sweep every scheduler's knob, grade it against the oracle, write results.
+
+Outputs in ``--out``: ``results.json`` (the list of rows other tools read), ``report.json`` (rows
+with intervals, class IoU and timelines; stage costs; timings), ``results.md`` (the table) and
+the figures ``fig4_curves.png``, ``fig6_intervals.png``, ``fig7_timeline.png``, ``fig8_masks.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from facestream.engines.face import crop_square
+from facestream.engines.networks import Networks
+from facestream.engines.schedulers import make_scheduler
+from facestream.engines.video import overlay
+from facestream.training import figures
+from facestream.training.evaluation import (
+    FIXED_GRID,
+    QUANTILES,
+    SCHEDULER_NAMES,
+    TAU_GRID,
+    EvalConfig,
+    PairBuilder,
+    PairTable,
+    PolicyReplay,
+    StageCosts,
+    Walk,
+    cached_pair_table,
+    dvsnet_scores,
+    measure_costs,
+    miou,
+    oracle_walk,
+    per_class_iou,
+    replay,
+)
+from facestream.training.manifest import Clip
+from facestream.training.oracle import Oracle
+
+RESULT_KEYS = ("scheduler", "knob", "eta", "aki", "miou", "fps")
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    schedulers: tuple[str, ...] = SCHEDULER_NAMES
+    sweep: bool = True
+    policies: tuple[Path, ...] = ()
+    chosen_aki: float = 30.0  # the AKI of the interval histogram, timeline and mask figures
+    timeline_clip: str | None = None
+    config: EvalConfig = field(default_factory=EvalConfig)
+    cache: Path | None = None
+    progress: bool = True
+
+
+@dataclass
+class Setting:
+    scheduler: str
+    knob: float | None
+    eta: float | None
+    walk: Walk
+
+
+def knob_grid(
+    name: str, tables: Sequence[PairTable], dvsnet: dict[str, np.ndarray] | None
+) -> list[float | None]:
+    """The values a sweep tries for a scheduler; flow and DVSNet thresholds are quantiles of what
+    the pair table holds (their scale depends on the trained networks)."""
+    if name == "always":
+        return [None]
+    if name == "fixed":
+        return [float(n) for n in FIXED_GRID]
+    if name == "random":
+        return [1.0 / n for n in FIXED_GRID]
+    if name == "rl":
+        return list(TAU_GRID)
+    source = {t.clip_id: t.magnitude for t in tables} if name == "flow" else dvsnet or {}
+    values = np.concatenate([source[t.clip_id][:, 1:][t.valid[:, 1:]] for t in tables])
+    if values.size == 0:
+        return []
+    grid = np.unique(np.round(np.quantile(values, QUANTILES), 4))
+    return [float(v) for v in (grid if name == "flow" else np.clip(grid, 0.0, 1.0))]
+
+
+def run_settings(
+    tables: Sequence[PairTable], networks: Networks, options: SweepOptions
+) -> tuple[list[Setting], dict[str, np.ndarray] | None, list[PolicyReplay]]:
+    dvsnet = (
+        dvsnet_scores(networks, tables) if networks.has_dvsnet and "dvsnet" in options.schedulers else None
+    )
+    policies = [PolicyReplay(p, tables) for p in options.policies] if "rl" in options.schedulers else []
+    settings: list[Setting] = []
+    jobs = [(n, k) for n in options.schedulers for k in _knobs(n, tables, dvsnet, options.sweep)]
+    for name, knob in tqdm(jobs, desc="schedulers", disable=not options.progress):
+        if name == "dvsnet" and dvsnet is None:
+            continue
+        for policy in policies if name == "rl" else [None]:
+            walk = replay(
+                make_scheduler(name, knob),
+                tables,
+                networks,
+                window=options.config.window,
+                policy=policy,
+                dvsnet=dvsnet,
+            )
+            settings.append(Setting(name, knob, policy.eta if policy else None, walk))
+    return settings, dvsnet, policies
+
+
+def _knobs(name: str, tables: Sequence[PairTable], dvsnet: Any, sweep: bool) -> list[float | None]:
+    if not sweep:
+        return [None]
+    return knob_grid(name, tables, dvsnet)
+
+
+def oracle_settings(
+    oracle: Oracle, tables: Sequence[PairTable], settings: Sequence[Setting]
+) -> dict[int, Walk]:
+    """The oracle's walk at the key count of every setting (equal AKI)."""
+    counts = sorted({s.walk.keys for s in settings if oracle.feasible(s.walk.keys)})
+    return {n: oracle_walk(oracle, tables, n) for n in counts}
+
+
+def row(setting: Setting, costs: StageCosts, timeline_clip: str) -> dict[str, Any]:
+    walk = setting.walk
+    return {
+        "scheduler": setting.scheduler,
+        "knob": setting.knob,
+        "eta": setting.eta,
+        "aki": walk.frames / walk.keys,
+        "miou": float(miou(walk.confusion)),
+        "fps": costs.fps(setting.scheduler, walk),
+        "frame_miou": float(np.mean(walk.frame_mious)),
+        "keys": walk.keys,
+        "frames": walk.frames,
+        "forced_keys": walk.forced,
+        "class_iou": [None if np.isnan(v) else float(v) for v in per_class_iou(walk.confusion)],
+        "intervals": walk.intervals,
+        "timeline": {
+            "clip": timeline_clip,
+            "keys": walk.key_frames.get(timeline_clip, []),
+            "frame_miou": walk.frame_miou_by_clip.get(timeline_clip, []),
+        },
+    }
+
+
+def add_shares(rows: list[dict[str, Any]], oracle_rows: dict[int, dict[str, Any]]) -> None:
+    """``share``: (scheduler - fixed) / (oracle - fixed) in mean per-frame mIoU at equal AKI
+    (fixed interpolated in log AKI; the oracle exact at the same key count)."""
+    fixed = sorted((r["aki"], r["frame_miou"]) for r in rows if r["scheduler"] == "fixed")
+    for r in rows:
+        r["oracle_frame_miou"] = oracle_rows[r["keys"]]["frame_miou"] if r["keys"] in oracle_rows else None
+        r["share"] = None
+        if (
+            r["scheduler"] in ("fixed", "always", "oracle")
+            or len(fixed) < 2
+            or r["oracle_frame_miou"] is None
+        ):
+            continue
+        akis, values = np.log([f[0] for f in fixed]), [f[1] for f in fixed]
+        if not akis[0] <= np.log(r["aki"]) <= akis[-1]:
+            continue
+        base = float(np.interp(np.log(r["aki"]), akis, values))
+        gain = r["oracle_frame_miou"] - base
+        r["share"] = (r["frame_miou"] - base) / gain if gain > 1e-9 else None
+
+
+def evaluate(
+    clips: Sequence[Clip], networks: Networks, fingerprint: str, options: SweepOptions, out: Path
+) -> dict:
+    """Build (or load) the pair tables, replay every setting, grade with the oracle, write outputs."""
+    out.mkdir(parents=True, exist_ok=True)
+    clock: dict[str, float] = {}
+    start = time.perf_counter()
+    tables = [
+        cached_pair_table(c, networks, fingerprint, options.config, options.cache, options.progress)
+        for c in clips
+    ]
+    clock["pair_tables_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    costs = measure_costs(networks)
+    settings, _, _ = run_settings(tables, networks, options)
+    clock["replay_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    oracle = Oracle([t.frame_miou()[a:b] for t in tables for a, b in t.episodes()])
+    timeline_clip = options.timeline_clip or tables[0].clip_id
+    oracle_walks = oracle_settings(
+        oracle, tables, [s for s in settings if s.scheduler in ("fixed", "always")]
+    )
+    clock["oracle_s"] = time.perf_counter() - start
+    rows = [row(s, costs, timeline_clip) for s in settings]
+    oracle_rows = {
+        n: row(Setting("oracle", None, None, w), costs, timeline_clip)
+        for n, w in sorted(oracle_walks.items())
+    }
+    extra = oracle_settings(oracle, tables, settings)
+    all_oracle = {
+        **{n: row(Setting("oracle", None, None, w), costs, timeline_clip) for n, w in extra.items()}
+    }
+    add_shares(rows, all_oracle)
+    rows += list(oracle_rows.values())
+    for r in oracle_rows.values():
+        r["share"] = None
+    report = _write_outputs(rows, costs, clock, tables, clips, networks, options, out)
+    return report
+
+
+def _write_outputs(
+    rows: list[dict[str, Any]],
+    costs: StageCosts,
+    clock: dict[str, float],
+    tables: Sequence[PairTable],
+    clips: Sequence[Clip],
+    networks: Networks,
+    options: SweepOptions,
+    out: Path,
+) -> dict[str, Any]:
+    results = [{k: r[k] for k in RESULT_KEYS} for r in rows]
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    start = time.perf_counter()
+    figures.plot_curves(rows, out / "fig4_curves.png")
+    figures.plot_interval_histogram(rows, options.chosen_aki, out / "fig6_intervals.png")
+    figures.plot_timeline(rows, options.chosen_aki, out / "fig7_timeline.png")
+    panels = mask_panels(rows, tables, clips, networks, options)
+    if panels:
+        figures.plot_masks(panels, out / "fig8_masks.png")
+    figures.write_table(rows, out / "results.md")
+    clock["figures_s"] = time.perf_counter() - start
+    report = {
+        "clips": [{"clip": t.clip_id, "frames": t.frames, "scored": int(t.scored.sum())} for t in tables],
+        "config": asdict(options.config),
+        "backend": networks.backend,
+        "stage_ms": asdict(costs),
+        "timings_s": {k: round(v, 2) for k, v in clock.items()},
+        "rows": rows,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+# ----------------------------------------------------------------------------- Fig. 8
+
+
+def _closest(rows: Sequence[dict[str, Any]], scheduler: str, aki: float) -> dict[str, Any] | None:
+    candidates = [r for r in rows if r["scheduler"] == scheduler]
+    return min(candidates, key=lambda r: abs(np.log(r["aki"] / aki)), default=None)
+
+
+def mask_panels(
+    rows: Sequence[dict[str, Any]],
+    tables: Sequence[PairTable],
+    clips: Sequence[Clip],
+    networks: Networks,
+    options: SweepOptions,
+    count: int = 3,
+) -> list[dict[str, Any]]:
+    """Fig. 8: non-key frames of the timeline clip -- frame, teacher label, per-frame N, and each
+    scheduler's warped result (its own key), at the chosen AKI."""
+    clip = next((c for c in clips if c.clip_id == rows[0]["timeline"]["clip"]), None)
+    if clip is None:
+        return []
+    chosen = [r for r in (_closest(rows, s, options.chosen_aki) for s in ("fixed", "rl", "oracle")) if r]
+    fixed = next((r for r in chosen if r["scheduler"] == "fixed"), None)
+    if fixed is None:
+        return []
+    frames = _panel_frames(fixed["timeline"]["keys"], clip.labelled, count)
+    return _render_panels(clip, frames, chosen, networks, options.config)
+
+
+def _panel_frames(keys: Sequence[int], labelled: Sequence[int], count: int) -> list[int]:
+    """Frames far from fixed's keys (where warping matters most), spread over the clip."""
+    if not keys:
+        return []
+    scored = [i for i in labelled if i not in set(keys)]
+    gaps = {i: i - max((k for k in keys if k <= i), default=i) for i in scored}
+    ordered = sorted(scored, key=lambda i: -gaps[i])
+    picks: list[int] = []
+    for i in ordered:
+        if all(abs(i - p) > 20 for p in picks):
+            picks.append(i)
+        if len(picks) == count:
+            break
+    return sorted(picks)
+
+
+def _render_panels(
+    clip: Clip,
+    frames: Sequence[int],
+    chosen: Sequence[dict[str, Any]],
+    networks: Networks,
+    config: EvalConfig,
+) -> list[dict[str, Any]]:
+    builder = PairBuilder(networks, config)
+    wanted = set(frames)
+    for r in chosen:
+        for i in frames:
+            wanted.add(max(k for k in r["timeline"]["keys"] if k <= i))
+    cache = {i: rgb for i, rgb in enumerate(clip.frames()) if i in wanted}
+    panels = []
+    for i in frames:
+        box = clip.box(i)
+        assert box is not None
+        crop = crop_square(cache[i], box, builder.eval_size)
+        label = crop_square(clip.label(i), box, builder.eval_size, nearest=True)
+        images = [("frame", crop), ("teacher label", overlay(crop, label))]
+        key = builder.key(cache[i], box)
+        own = builder.predictions(networks.task(key.features), [box], box)[0].numpy().astype(np.uint8)
+        images.append(("per-frame N", overlay(crop, own)))
+        for r in chosen:
+            k = max(k for k in r["timeline"]["keys"] if k <= i)
+            kbox = clip.box(k)
+            assert kbox is not None
+            scores, _ = builder.warp(cache[i], [builder.key(cache[k], kbox)])
+            pred = builder.predictions(scores, [kbox], box)[0].numpy().astype(np.uint8)
+            name = f"{r['scheduler']} (AKI {r['aki']:.0f}, key {i - k} back)"
+            images.append((name, overlay(crop, pred)))
+        panels.append({"title": f"frame {i}", "images": images})
+    return panels
