@@ -9,6 +9,7 @@ from pathlib import Path
 
 from facestream.engines.backends import BACKENDS, DEFAULT_BACKEND, create_networks
 from facestream.engines.weights import WeightsError, find_weights
+from facestream.training.compare import compare_teachers
 from facestream.training.evaluation import SCHEDULER_NAMES, EvalConfig
 from facestream.training.labelling import label_video, make_teacher
 from facestream.training.manifest import (
@@ -41,7 +42,7 @@ class LabelCommand:
         parser.add_argument(
             "--out", type=Path, default=Path("labels"), help="output folder (default: labels/)"
         )
-        parser.add_argument("--teacher", choices=TEACHERS, default=DEFAULT_TEACHER)
+        parser.add_argument("--teacher", choices=TEACHERS, default="dlib68", help="default: dlib68 (iBUG-68)")
         parser.add_argument("--max-frames", type=int, help="label only the first N frames")
         parser.add_argument("--no-progress", action="store_true")
 
@@ -63,6 +64,34 @@ class LabelCommand:
                     print(f"{video}: {done}/{total} frames with a face ({share:.1f}%) -> {labels.folder}")
         except (TeacherError, OSError, ValueError) as exc:
             return _fail(self.name, exc)
+        return 0
+
+
+class CompareTeachersCommand:
+    name = "compare-teachers"
+    help = "agreement and still-frame jitter of two teachers' label folders (JSON + PNG)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("a", type=Path, help="label folder of teacher A (facestream label --out)")
+        parser.add_argument("b", type=Path, help="label folder of teacher B")
+        parser.add_argument("--out", type=Path, default=Path("teacher-comparison"))
+        parser.add_argument("--no-progress", action="store_true")
+
+    def run(self, args: argparse.Namespace) -> int:
+        try:
+            summary = compare_teachers(args.a, args.b, args.out, progress=not args.no_progress)
+        except (OSError, ValueError) as exc:
+            return _fail(self.name, exc)
+        keys = (
+            "teacher_a",
+            "teacher_b",
+            "face_rate_a",
+            "face_rate_b",
+            "agreement_miou",
+            "still_miou_a",
+            "still_miou_b",
+        )
+        print(json.dumps({k: summary[k] for k in keys}))
         return 0
 
 
@@ -129,7 +158,11 @@ class EvaluateCommand:
             "--policy", type=Path, action="append", default=[], help="RL policy file (repeat per η)"
         )
         parser.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND)
-        parser.add_argument("--teacher", choices=TEACHERS, help="labeller for unlabelled videos")
+        parser.add_argument(
+            "--teacher",
+            choices=TEACHERS,
+            help=f"labeller of unlabelled videos (default: the manifest's, else {DEFAULT_TEACHER})",
+        )
         parser.add_argument(
             "--labels", type=Path, help="label cache folder (default ~/.cache/facestream/labels)"
         )

@@ -190,23 +190,19 @@ def evaluate(
     start = time.perf_counter()
     oracle = Oracle([t.frame_miou()[a:b] for t in tables for a, b in t.episodes()])
     timeline_clip = options.timeline_clip or tables[0].clip_id
-    oracle_walks = oracle_settings(
-        oracle, tables, [s for s in settings if s.scheduler in ("fixed", "always")]
-    )
-    clock["oracle_s"] = time.perf_counter() - start
-    rows = [row(s, costs, timeline_clip) for s in settings]
     oracle_rows = {
         n: row(Setting("oracle", None, None, w), costs, timeline_clip)
-        for n, w in sorted(oracle_walks.items())
+        for n, w in oracle_settings(oracle, tables, settings).items()
     }
-    extra = oracle_settings(oracle, tables, settings)
-    all_oracle = {
-        **{n: row(Setting("oracle", None, None, w), costs, timeline_clip) for n, w in extra.items()}
-    }
-    add_shares(rows, all_oracle)
-    rows += list(oracle_rows.values())
-    for r in oracle_rows.values():
-        r["share"] = None
+    clock["oracle_s"] = time.perf_counter() - start
+    rows = [row(s, costs, timeline_clip) for s in settings]
+    add_shares(rows, oracle_rows)
+    shown = {s.walk.keys for s in settings if s.scheduler in ("fixed", "always")}
+    rows += [
+        {**r, "share": None, "oracle_frame_miou": r["frame_miou"]}
+        for n, r in sorted(oracle_rows.items())
+        if n in shown
+    ]
     report = _write_outputs(rows, costs, clock, tables, clips, networks, options, out)
     return report
 
@@ -304,6 +300,7 @@ def _render_panels(
     cache = {i: rgb for i, rgb in enumerate(clip.frames()) if i in wanted}
     panels = []
     for i in frames:
+        gaps = []
         box = clip.box(i)
         assert box is not None
         crop = crop_square(cache[i], box, builder.eval_size)
@@ -318,7 +315,7 @@ def _render_panels(
             assert kbox is not None
             scores, _ = builder.warp(cache[i], [builder.key(cache[k], kbox)])
             pred = builder.predictions(scores, [kbox], box)[0].numpy().astype(np.uint8)
-            name = f"{r['scheduler']} (AKI {r['aki']:.0f}, key {i - k} back)"
-            images.append((name, overlay(crop, pred)))
-        panels.append({"title": f"frame {i}", "images": images})
+            images.append((f"{figures.series_label(r)} (AKI {r['aki']:.0f})", overlay(crop, pred)))
+            gaps.append(f"{r['scheduler']} {i - k}")
+        panels.append({"title": f"frame {i}\nkey back: " + ", ".join(gaps), "images": images})
     return panels

@@ -1,0 +1,259 @@
+"""The evaluation harness: metrics, pair tables, replayed schedulers, the oracle bound, the command."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from helpers import clip_frames, networks, random_weights
+
+from facestream.cli import main
+from facestream.engines.face import Box
+from facestream.engines.networks import Networks
+from facestream.engines.schedulers import make_scheduler
+from facestream.training.evaluation import (
+    EvalConfig,
+    PairBuilder,
+    PairTable,
+    PolicyReplay,
+    build_pair_table,
+    cached_pair_table,
+    confusions,
+    miou,
+    oracle_walk,
+    per_class_iou,
+    replay,
+)
+from facestream.training.oracle import Oracle
+
+SIZE = 64
+
+
+class FakeClip:
+    """Real frames, a synthetic face label (ellipse skin, two eyes, a mouth) in a drifting box."""
+
+    def __init__(
+        self, frames: list[np.ndarray], unlabelled: tuple[int, ...] = (), clip_id: str = "fake"
+    ) -> None:
+        self.clip_id, self._frames, self._unlabelled = clip_id, frames, set(unlabelled)
+
+    def frames(self) -> Iterator[np.ndarray]:
+        yield from self._frames
+
+    @property
+    def labelled(self) -> list[int]:
+        return [i for i in range(len(self._frames)) if i not in self._unlabelled]
+
+    def box(self, index: int) -> Box | None:
+        return Box(120.0 + 2 * index, 130.0, 120.0 + 2 * index + 260, 390.0)
+
+    def label(self, index: int) -> np.ndarray:
+        label = np.zeros(self._frames[index].shape[:2], np.uint8)
+        cx = 250 + 2 * index
+        cv2.ellipse(label, (cx, 260), (100, 120), 0, 0, 360, 1, -1)
+        for dx in (-40, 40):
+            cv2.ellipse(label, (cx + dx, 220), (18, 8), 0, 0, 360, 2, -1)
+        cv2.ellipse(label, (cx, 320), (40, 16), 0, 0, 360, 3, -1)
+        cv2.ellipse(label, (cx, 320), (25, 6), 0, 0, 360, 4, -1)
+        return label
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory: pytest.TempPathFactory) -> Networks:
+    return networks(tmp_path_factory, input_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def clip(videos_dir: Path) -> FakeClip:
+    return FakeClip(clip_frames(videos_dir, count=14), unlabelled=(9,))
+
+
+@pytest.fixture(scope="module")
+def table(clip: FakeClip, nets: Networks) -> PairTable:
+    return build_pair_table(clip, nets, EvalConfig(max_gap=4, batch=3), progress=False)
+
+
+def test_iou_and_miou_from_confusion() -> None:
+    confusion = np.zeros((5, 5), np.int64)
+    confusion[0, 0], confusion[1, 1], confusion[1, 0], confusion[2, 1] = 50, 30, 10, 10
+    iou = per_class_iou(confusion)
+    assert iou[0] == pytest.approx(50 / 60) and iou[1] == pytest.approx(30 / 50) and iou[2] == 0.0
+    assert np.isnan(iou[3]) and np.isnan(iou[4])  # in neither label nor prediction: not averaged
+    assert miou(confusion) == pytest.approx((50 / 60 + 30 / 50 + 0.0) / 3)
+    assert np.allclose(miou(np.stack([confusion, confusion])), miou(confusion))
+
+
+def test_confusions_count_pixels_per_pair() -> None:
+    label = torch.tensor([[0, 1], [2, 4]])
+    pred = torch.stack([label, torch.zeros_like(label)])
+    matrices = confusions(pred, label)
+    assert matrices.shape == (2, 5, 5)
+    assert np.array_equal(np.diag(matrices[0]), [1, 1, 1, 0, 1]) and matrices[0].sum() == 4
+    assert np.array_equal(matrices[1][:, 0], [1, 1, 1, 0, 1])
+
+
+def test_predictions_resample_between_boxes(nets: Networks) -> None:
+    """Scores over a key box shifted right by half its width land on the right half only."""
+    builder = PairBuilder(nets, EvalConfig(eval_size=32))
+    scores = np.zeros((1, 5, 16, 16), np.float32)
+    scores[:, 1] = 1.0  # skin everywhere in the key's crop
+    box = Box(0.0, 0.0, 100.0, 100.0)
+    key_box = Box(50.0, 0.0, 150.0, 100.0)
+    pred = builder.predictions(scores, [key_box], box)[0]
+    assert (pred[:, :15] == 0).all() and (pred[:, 17:] == 1).all()
+    same = builder.predictions(scores, [box], box)[0]
+    assert (same == 1).all()
+
+
+def test_pair_table_layout(table: PairTable, clip: FakeClip, nets: Networks) -> None:
+    assert table.frames == 14 and not table.scored[9]
+    assert table.episodes() == [(0, 9), (10, 14)]
+    pixels = SIZE * SIZE
+    for i in range(14):
+        for gap in range(5):
+            k = i - gap
+            expected = table.scored[i] and k >= 0 and all(table.scored[k : i + 1])
+            assert table.valid[i, gap] == expected, (i, gap)
+            if expected:
+                assert table.confusion[i, gap].sum() == pixels
+    # the key row scores N on the frame itself: its label's class counts are exact
+    box = clip.box(3)
+    assert box is not None
+    label = PairBuilder(nets, EvalConfig()).label_grid(clip.label(3), box)
+    assert np.array_equal(table.confusion[3, 0].sum(axis=1), np.bincount(label.flatten(), minlength=5))
+
+
+def test_batching_does_not_change_the_table(clip: FakeClip, nets: Networks, table: PairTable) -> None:
+    one = build_pair_table(clip, nets, EvalConfig(max_gap=4, batch=1), progress=False)
+    assert np.array_equal(one.valid, table.valid)
+    assert np.abs(one.confusion - table.confusion).max() <= 2  # float noise flips a pixel at most
+    assert np.allclose(one.magnitude, table.magnitude, atol=1e-3)
+
+
+def test_cache_round_trip(clip: FakeClip, nets: Networks, table: PairTable, tmp_path: Path) -> None:
+    config = EvalConfig(max_gap=4, batch=3)
+    first = cached_pair_table(clip, nets, "fp", config, tmp_path, progress=False)
+    (path,) = tmp_path.glob("*.npz")
+    mtime = path.stat().st_mtime_ns
+    second = cached_pair_table(clip, nets, "fp", config, tmp_path, progress=False)
+    assert path.stat().st_mtime_ns == mtime  # loaded, not rebuilt
+    assert np.array_equal(first.confusion, second.confusion) and second.clip_id == "fake"
+    cached_pair_table(clip, nets, "other-weights", config, tmp_path, progress=False)
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+
+
+def test_fixed_and_always_replays(table: PairTable, nets: Networks) -> None:
+    always = replay(make_scheduler("always"), [table], nets)
+    assert always.keys == always.frames == 13
+    assert np.array_equal(always.confusion, table.confusion[table.scored, 0].sum(axis=0))
+    fixed = replay(make_scheduler("fixed", 3), [table], nets)
+    assert fixed.key_frames["fake"] == [0, 3, 6, 10, 13]  # each episode starts with a key
+    assert fixed.intervals == [3, 3, 3]  # intervals are counted within an episode
+    assert fixed.forced == 0
+
+
+def test_forced_key_at_the_gap_limit(table: PairTable, nets: Networks) -> None:
+    walk = replay(make_scheduler("fixed", 30), [table], nets)
+    assert walk.key_frames["fake"] == [0, 5, 10]  # max_gap 4: frame 5 would be 5 back
+    assert walk.forced == 1
+
+
+def test_flow_scheduler_reads_cached_magnitudes(table: PairTable, nets: Networks) -> None:
+    threshold = float(np.median(table.magnitude[table.valid[:, 1:].nonzero()[0], 1]))
+    walk = replay(make_scheduler("flow", threshold), [table], nets)
+    for i in walk.key_frames["fake"]:
+        if i not in (0, 10):  # not an episode start
+            last = max(k for k in walk.key_frames["fake"] if k < i)
+            gap = i - last
+            assert gap > 4 or table.magnitude[i, gap] > threshold
+
+
+def test_policy_replay_matches_the_network(
+    table: PairTable, nets: Networks, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    weights = random_weights(tmp_path_factory, input_size=SIZE)
+    policy = PolicyReplay(weights.paths["policy"], [table])
+    expert = np.array([[0.25, 0.5]], np.float32)
+    for i, gap in [(3, 1), (7, 4), (12, 2)]:
+        conv6 = table.conv6[i, gap][None].astype(np.float32)
+        expected = float(nets.key_probability(conv6, expert)[0])
+        assert policy.probability("fake", i, gap, expert) == pytest.approx(expected, abs=1e-4)
+
+
+def test_oracle_is_never_below_any_scheduler(
+    table: PairTable, nets: Networks, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    policy = PolicyReplay(random_weights(tmp_path_factory, input_size=SIZE).paths["policy"], [table])
+    oracle = Oracle([table.frame_miou()[a:b] for a, b in table.episodes()])
+    walks = [replay(make_scheduler("fixed", n), [table], nets) for n in (1, 2, 3, 4)]
+    walks += [replay(make_scheduler("random", r), [table], nets) for r in (0.2, 0.5)]
+    walks += [replay(make_scheduler("rl", t), [table], nets, policy=policy) for t in (0.3, 0.5, 0.7)]
+    for walk in walks:
+        best = oracle_walk(oracle, [table], walk.keys)
+        assert best.keys == walk.keys and best.frames == walk.frames
+        assert np.mean(best.frame_mious) >= np.mean(walk.frame_mious) - 1e-9
+
+
+def test_evaluate_command_end_to_end(
+    videos_dir: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture
+) -> None:
+    """CI-sized `facestream evaluate`: two short real clips, teacher labels on the fly, tiny models."""
+    weights = random_weights(tmp_path_factory, input_size=SIZE)
+    out = tmp_path / "eval"
+    args = [
+        "evaluate",
+        "--videos",
+        str(videos_dir / "lp_d12.mp4"),
+        str(videos_dir / "st_w1.mp4"),
+        "--max-frames",
+        "16",
+        "--weights",
+        str(weights.directory),
+        "--labels",
+        str(tmp_path / "labels"),
+        "--teacher",
+        "dlib68",
+        "--sweep",
+        "--max-gap",
+        "8",
+        "--aki",
+        "4",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["rows"] > 20
+    results = json.loads((out / "results.json").read_text())
+    assert {r["scheduler"] for r in results} == {
+        "always",
+        "fixed",
+        "random",
+        "flow",
+        "dvsnet",
+        "rl",
+        "oracle",
+    }
+    for r in results:
+        assert set(r) == {"scheduler", "knob", "eta", "aki", "miou", "fps"}
+        assert 0.0 <= r["miou"] <= 1.0 and r["aki"] >= 1.0 and r["fps"] > 0
+    report = json.loads((out / "report.json").read_text())
+    by_keys = {r["keys"]: r for r in report["rows"] if r["scheduler"] == "oracle"}
+    for r in report["rows"]:
+        if r["oracle_frame_miou"] is not None:
+            assert r["oracle_frame_miou"] >= r["frame_miou"] - 1e-9
+    assert by_keys  # oracle rows at the fixed settings' key counts
+    for name in ("fig4_curves.png", "fig6_intervals.png", "fig7_timeline.png", "fig8_masks.png"):
+        image = cv2.imread(str(out / name))
+        assert image is not None and image.shape[0] > 100, name
+    assert "| oracle |" in (out / "results.md").read_text()
+    assert len(list((out / "cache").glob("*.npz"))) == 2
+    assert main(args) == 0  # a rerun reads the cached labels and pair tables
