@@ -307,7 +307,7 @@ def _stats(samples_ms: Sequence[float]) -> Stats:
     }
 
 
-def _time_ms(call: Callable[[], object], repeats: int, warmup: int = WARMUP) -> Stats:
+def time_ms(call: Callable[[], object], repeats: int, warmup: int = WARMUP) -> Stats:
     """Median/p90/mean milliseconds of ``repeats`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         call()
@@ -346,8 +346,8 @@ def _io_costs(frame: np.ndarray, decode_ms: list[float], repeats: int, say: Say)
     jpeg = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
     costs = {
         "decode": _stats(decode_ms),
-        "encode_png_mask": _time_ms(lambda: cv2.imencode(".png", mask), repeats),
-        "encode_jpeg_frame": _time_ms(lambda: cv2.imencode(".jpg", bgr, jpeg), repeats),
+        "encode_png_mask": time_ms(lambda: cv2.imencode(".png", mask), repeats),
+        "encode_jpeg_frame": time_ms(lambda: cv2.imencode(".jpg", bgr, jpeg), repeats),
     }
     for name, stats in costs.items():
         say(f"{name}: {stats['median_ms']:.2f} ms (p90 {stats['p90_ms']:.2f})")
@@ -382,11 +382,11 @@ def _stage_tables(
             where = {"backend": backend, "size": size}
             for backbone in BACKBONES:
                 networks = factory.get(backend, size, backbone)
-                stats = _time_ms(_key_call(networks, frames[0]), settings.repeats)
+                stats = time_ms(_key_call(networks, frames[0]), settings.repeats)
                 stages.append(_row(where, "key", stats, say, backbone=backbone))
             networks = factory.get(backend, size, settings.key_backbone)
             for stage, call in _network_calls(networks, frames[0], frames[1]).items():
-                stages.append(_row(where, stage, _time_ms(call, settings.repeats), say))
+                stages.append(_row(where, stage, time_ms(call, settings.repeats), say))
             nonkey.append(_nonkey_row(where, networks, frames, settings.repeats, say))
             factory.release(keep)
     return stages, nonkey

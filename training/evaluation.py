@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -43,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from facestream.engines.bench import time_ms
 from facestream.engines.face import Box, crop_square
 from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.pipeline import flow_image, to_chw
@@ -503,13 +503,7 @@ def measure_costs(networks: Networks, repeats: int = 15) -> StageCosts:
     expert = np.array([[0.1, 0.5]], dtype=np.float32)
 
     def timed(fn: Callable[[], object]) -> float:
-        fn()
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e3)
-        return float(np.median(samples))
+        return float(time_ms(fn, repeats)["median_ms"])
 
     return StageCosts(
         key=timed(lambda: networks.task(networks.features(image))),
