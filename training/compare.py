@@ -56,7 +56,8 @@ def compare_video(a: LabelledVideo, b: LabelledVideo) -> dict[str, Any]:
     both = sorted(set(a.labelled) & set(b.labelled))
     agreement = [label_miou(_crop(a.label(i), a.box(i)), _crop(b.label(i), a.box(i))) for i in both]  # type: ignore[arg-type]
     motion = frame_motion(a)
-    pairs = [i for i in both if i + 1 in set(both) and i in motion]
+    faces = set(both)
+    pairs = [i for i in both if i + 1 in faces and i in motion]
     cut = np.quantile([motion[i] for i in pairs], STILL_SHARE) if pairs else 0.0
     still = [i for i in pairs if motion[i] <= cut]
     jitter = {}
