@@ -6,8 +6,10 @@ CLIP ?= ../shared/data/videos/lp_d3.mp4
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MEDIAPIPE_VENV ?= .venv-mediapipe
+RUNS ?= runs
+ETAS ?= 0.04 0.06 0.14
 
-.PHONY: install run test test-all bench lint format clean teacher-mediapipe
+.PHONY: install run test test-all bench lint format clean teacher-mediapipe train-all evaluate-shipped
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +38,22 @@ $(MEDIAPIPE_VENV)/bin/python:
 	$(MEDIAPIPE_VENV)/bin/pip install --quiet --upgrade pip
 	$(MEDIAPIPE_VENV)/bin/pip install --quiet mediapipe==0.10.21 || { rm -rf $(MEDIAPIPE_VENV); exit 1; }
 	$(MEDIAPIPE_VENV)/bin/python -c "import mediapipe; print('mediapipe', mediapipe.__version__)"
+
+train-all: teacher-mediapipe ## reproduce models/weights from scratch (about 2 h on 2 cores; rerun to resume)
+	$(BIN)/facestream train segmentation --out $(RUNS)/segmentation --threads 2
+	$(BIN)/facestream train flow --segmentation $(RUNS)/segmentation/segmentation.safetensors --out $(RUNS)/flow --threads 2
+	mkdir -p $(RUNS)/weights
+	cp $(RUNS)/segmentation/segmentation.safetensors $(RUNS)/flow/flow.safetensors $(RUNS)/weights/
+	$(BIN)/facestream train dvsnet --weights $(RUNS)/weights --out $(RUNS)/dvsnet --threads 2
+	for eta in $(ETAS); do \
+		$(BIN)/facestream train policy --weights $(RUNS)/weights --eta $$eta --out $(RUNS)/policy-eta$$eta --threads 2 || exit 1; \
+	done
+	$(BIN)/facestream train ship --runs $(RUNS) --out models/weights --etas "$$(echo $(ETAS) | tr ' ' ,)"
+
+evaluate-shipped: ## the set-C evaluation of the shipped weights -> docs/evaluation (figures, results.json)
+	$(BIN)/facestream evaluate --manifest default --set C --schedulers all --sweep --out docs/evaluation \
+		--policy models/weights/policy.safetensors $(foreach eta,$(filter-out 0.04,$(ETAS)),--policy models/weights/policy-eta$(eta).safetensors) \
+		--cache $(RUNS)/pairs-C --threads 2
 
 lint:
 	$(BIN)/ruff check .

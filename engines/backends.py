@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from facestream.engines.backend_onnxruntime import OrtNetworks
 from facestream.engines.backend_torch import TorchNetworks
+from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS, with_flow
 from facestream.engines.networks import Networks
 from facestream.engines.weights import WeightSet
 
@@ -12,11 +13,25 @@ DEFAULT_BACKEND = "onnxruntime"
 
 
 def create_networks(
-    weights: WeightSet, backend: str = DEFAULT_BACKEND, *, threads: int | None = None
+    weights: WeightSet,
+    backend: str = DEFAULT_BACKEND,
+    *,
+    threads: int | None = None,
+    flow: str = DEFAULT_FLOW,
+    conv6: bool = True,
 ) -> Networks:
-    """The networks of ``weights`` on ``backend`` (``onnxruntime`` or ``torch``)."""
+    """The networks of ``weights`` on ``backend`` (``onnxruntime`` or ``torch``).
+
+    ``flow``: ``flownet`` (the learned F) or ``dis`` (OpenCV DIS optical flow, see
+    :mod:`facestream.engines.dis_flow`); with ``dis``, ``conv6`` says whether F still runs for
+    the Conv6 features the ``rl`` and ``dvsnet`` schedulers need.
+    """
+    if flow not in FLOWS:  # before the (slow) networks are built
+        raise ValueError(f"unknown flow {flow!r}; choose one of {', '.join(FLOWS)}")
     if backend == "onnxruntime":
-        return OrtNetworks(weights, threads=threads)
-    if backend == "torch":
-        return TorchNetworks(weights, threads=threads)
-    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        networks: Networks = OrtNetworks(weights, threads=threads)
+    elif backend == "torch":
+        networks = TorchNetworks(weights, threads=threads)
+    else:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return with_flow(networks, flow, conv6=conv6)

@@ -34,6 +34,7 @@ import onnxruntime as ort
 import torch
 
 from facestream.engines.backends import BACKENDS, create_networks
+from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS, with_flow
 from facestream.engines.face import Box, FaceLocator, crop_square
 from facestream.engines.networks import Networks
 from facestream.engines.pipeline import FrameResult, StreamSegmenter, to_chw
@@ -71,9 +72,11 @@ STAGE_LABELS = {
     "dvsnet": "DVSNet head",
     "nonkey": "non-key frame",
 }
+FLOW_LABELS = {"flownet": "FlowNet2-s", "dis": "DIS (OpenCV)"}
 
 Say = Callable[[str], None]
 Stats = dict[str, float]
+NetworksFor = Callable[[Scheduler], Networks]  # the networks a scheduler's pipeline runs on
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class BenchSettings:
     pipeline_size: int
     pipeline_backend: str
     akis: tuple[int, ...]
+    flow: str = DEFAULT_FLOW
 
     def __post_init__(self) -> None:
         if not Path(self.clip).is_file():
@@ -110,6 +114,8 @@ class BenchSettings:
             raise ValueError(f"key_backbone must be one of {BACKBONES}, got {self.key_backbone!r}")
         if not self.akis or min(self.akis) < 1:
             raise ValueError(f"target AKIs must be >= 1, got {self.akis}")
+        if self.flow not in FLOWS:
+            raise ValueError(f"unknown flow {self.flow!r}; choose one of {', '.join(FLOWS)}")
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -133,6 +139,7 @@ def run_benchmark(
     pipeline_size: int = 256,
     pipeline_backend: str = "onnxruntime",
     akis: Sequence[int] = AKIS,
+    flow: str = DEFAULT_FLOW,
 ) -> dict[str, Any]:
     """Measure everything, write ``out_dir/bench.json`` and ``out_dir/bench.png``, return the dict.
 
@@ -141,6 +148,8 @@ def run_benchmark(
     first ``pipeline_frames`` frames of ``clip`` (fewer if the clip is shorter) through the
     pipeline with ``key_backbone`` at ``pipeline_size`` on ``pipeline_backend``, for every
     scheduler at every target AKI in ``akis``. ``threads`` bounds torch, OpenCV and ONNX Runtime.
+    ``flow``: ``flownet`` (F) or ``dis`` (OpenCV DIS optical flow; the rl/dvsnet schedulers then
+    run F as well for its Conv6 features, the others do not).
     """
     settings = BenchSettings(
         clip=Path(clip),
@@ -153,10 +162,11 @@ def run_benchmark(
         pipeline_size=pipeline_size,
         pipeline_backend=pipeline_backend,
         akis=tuple(akis),
+        flow=flow,
     )
     say = _printer(progress)
     with _thread_limits(threads), tempfile.TemporaryDirectory(prefix="facestream-bench-") as tmp:
-        result = _measure_all(settings, _NetworkFactory(Path(tmp), threads), say)
+        result = _measure_all(settings, _NetworkFactory(Path(tmp), threads, flow), say)
     return _write_outputs(result, Path(out_dir), say)
 
 
@@ -179,7 +189,9 @@ def _measure_all(settings: BenchSettings, factory: _NetworkFactory, say: Say) ->
     result["io"] = _io_costs(frames[0], decode_ms, settings.repeats, say)
     result["stages"], result["nonkey"] = _stage_tables(settings, factory, frames, say)
     key = (settings.pipeline_backend, settings.pipeline_size, settings.key_backbone)
-    result["pipeline"] = _pipeline_table(factory.get(*key), frames, settings.akis, say)
+    result["pipeline"] = _pipeline_table(
+        lambda scheduler: factory.get(*key, conv6=scheduler.needs_conv6), frames, settings.akis, say
+    )
     result["targets"] = _targets(result, settings)
     return result
 
@@ -217,14 +229,17 @@ class _NetworkFactory:
 
     Weights are written once per (size, backbone) under ``directory`` (seed 0, so the ONNX export
     cache keyed by their hash is reused across runs); ONNX Runtime gets ``threads`` intra-op
-    threads, torch is limited by :func:`_thread_limits`.
+    threads, torch is limited by :func:`_thread_limits`. With ``flow`` ``dis``, each network
+    comes wrapped twice (F run for Conv6 or not), around the same backend networks.
     """
 
-    def __init__(self, directory: Path, threads: int) -> None:
+    def __init__(self, directory: Path, threads: int, flow: str = DEFAULT_FLOW) -> None:
         self.directory = directory
         self.threads = threads
+        self.flow = flow
         self._weights: dict[tuple[int, str], WeightSet] = {}
         self._networks: dict[tuple[str, int, str], Networks] = {}
+        self._flows: dict[tuple[str, int, str, bool], Networks] = {}
 
     def weights(self, size: int, backbone: str) -> WeightSet:
         if (size, backbone) not in self._weights:
@@ -235,16 +250,20 @@ class _NetworkFactory:
             self._weights[size, backbone] = weights
         return self._weights[size, backbone]
 
-    def get(self, backend: str, size: int, backbone: str) -> Networks:
+    def get(self, backend: str, size: int, backbone: str, *, conv6: bool = False) -> Networks:
+        """The networks with the benchmark's flow; ``conv6``: a scheduler reads F's Conv6."""
         key = (backend, size, backbone)
         if key not in self._networks:
             weights = self.weights(size, backbone)
             self._networks[key] = create_networks(weights, backend, threads=self.threads)
-        return self._networks[key]
+        if (*key, conv6) not in self._flows:
+            self._flows[(*key, conv6)] = with_flow(self._networks[key], self.flow, conv6=conv6)
+        return self._flows[(*key, conv6)]
 
     def release(self, keep: tuple[str, int, str]) -> None:
         """Forget every network but ``keep`` (frees memory between measurements)."""
         self._networks = {k: v for k, v in self._networks.items() if k == keep}
+        self._flows = {k: v for k, v in self._flows.items() if k[:3] == keep}
 
 
 def _cut_expert_feedback(weights: WeightSet) -> None:
@@ -485,15 +504,20 @@ def _summary(results: list[FrameResult]) -> dict[str, Any]:
 
 
 def _pipeline_table(
-    networks: Networks, frames: list[np.ndarray], akis: Sequence[int], say: Say
+    networks: NetworksFor, frames: list[np.ndarray], akis: Sequence[int], say: Say
 ) -> dict[str, Any]:
     """End-to-end FPS of every scheduler at every target AKI, and speed-up over ``always``.
 
-    The per-frame baseline (``always``) runs first and last; the faster of the two is the
-    baseline, so that a load spike during one of them cannot inflate the speed-ups.
+    ``networks(scheduler)``: the networks that scheduler runs on (they differ only in whether
+    DIS flow also runs F for its Conv6 features). The per-frame baseline (``always``) runs first
+    and last; the faster of the two is the baseline, so that a load spike during one of them
+    cannot inflate the speed-ups.
     """
     locator = FaceLocator()
-    _run(networks, _ValueProbe(2), frames[: WARMUP + 2], locator)  # warm every network
+    probe, fixed = _ValueProbe(2), make_scheduler("fixed", 2)
+    _run(networks(probe), probe, frames[: WARMUP + 2], locator)  # warm every network
+    if networks(fixed) is not networks(probe):  # DIS without F: its own DIS instance
+        _run(networks(fixed), fixed, frames[: WARMUP + 2], locator)
     first = _timed_run(networks, "always", 1, None, frames, locator, say)
     runs = _scheduler_runs(networks, frames, akis, locator, say)
     last = _timed_run(networks, "always", 1, None, frames, locator, say)
@@ -501,14 +525,15 @@ def _pipeline_table(
     runs.insert(0, baseline)
     for run in runs:
         run["speedup"] = run["fps"] / baseline["fps"]
-    seg = networks.segmentation_config
-    where = {"backend": networks.backend, "size": seg.input_size, "backbone": seg.backbone}
+    plain = networks(make_scheduler("always"))
+    seg = plain.segmentation_config
+    where = {"backend": plain.backend, "size": seg.input_size, "backbone": seg.backbone}
     fps = {"baseline_fps": baseline["fps"], "baseline_runs_fps": [first["fps"], last["fps"]]}
     return {**where, "frames": len(frames), **fps, "runs": runs}
 
 
 def _scheduler_runs(
-    networks: Networks, frames: list[np.ndarray], akis: Sequence[int], locator: FaceLocator, say: Say
+    networks: NetworksFor, frames: list[np.ndarray], akis: Sequence[int], locator: FaceLocator, say: Say
 ) -> list[dict[str, Any]]:
     """One timed run per scheduler and target AKI (learned schedulers calibrated first)."""
     runs = []
@@ -533,7 +558,7 @@ def _scheduler(name: str, aki: int, knob: float | None) -> Scheduler:
 
 
 def _timed_run(
-    networks: Networks,
+    networks: NetworksFor,
     name: str,
     aki: int,
     knob: float | None,
@@ -542,7 +567,7 @@ def _timed_run(
     say: Say,
 ) -> dict[str, Any]:
     scheduler = _scheduler(name, aki, knob)
-    summary = _summary(_run(networks, scheduler, frames, locator))
+    summary = _summary(_run(networks(scheduler), scheduler, frames, locator))
     achieved = summary["achieved_aki"]
     say(
         f"pipeline {scheduler.describe()} target AKI {aki}: {summary['fps']:.2f} FPS, "
@@ -556,7 +581,7 @@ class _ValueProbe(Scheduler):
     """Keys at a fixed interval and records, per frame, the value each learned scheduler compares
     with its knob (flow magnitude, DVSNet score, key probability) in that very context."""
 
-    name, needs_flow = "probe", True
+    name, needs_flow, needs_conv6 = "probe", True, True
 
     def __init__(self, interval: int) -> None:
         self.fixed = make_scheduler("fixed", interval)
@@ -572,17 +597,17 @@ class _ValueProbe(Scheduler):
 
 
 def _probe_values(
-    networks: Networks, frames: list[np.ndarray], aki: int, locator: FaceLocator
+    networks: NetworksFor, frames: list[np.ndarray], aki: int, locator: FaceLocator
 ) -> dict[str, list[float]]:
     """Each learned scheduler's decision values over ``frames`` in a fixed-interval pass with
     interval ``aki`` (so that KAR and LKD look as they will at that AKI)."""
     probe = _ValueProbe(aki)
-    _run(networks, probe, frames, locator)
+    _run(networks(probe), probe, frames, locator)
     return probe.values
 
 
 def _calibrated_run(
-    networks: Networks,
+    networks: NetworksFor,
     name: str,
     aki: int,
     values: list[float],
@@ -691,6 +716,12 @@ def _rounded(value: Any) -> Any:
     return value
 
 
+def _stage_labels(result: dict[str, Any]) -> dict[str, str]:
+    """:data:`STAGE_LABELS` with the flow stage named after the run's flow method."""
+    flow = result["settings"].get("flow", DEFAULT_FLOW)
+    return {**STAGE_LABELS, "flow": FLOW_LABELS.get(flow, flow)}
+
+
 def _stage_lookup(result: dict[str, Any]) -> dict[tuple[str, int, str], dict[str, Any]]:
     """Stage rows by (backend, size, label key of :data:`STAGE_LABELS`), non-key frame included."""
     rows: dict[tuple[str, int, str], dict[str, Any]] = {}
@@ -719,13 +750,14 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 def _plot_stages(ax: Any, result: dict[str, Any], size: int) -> None:
     lookup = _stage_lookup(result)
     backends = result["settings"]["backends"]
-    positions = np.arange(len(STAGE_LABELS))
+    labels = _stage_labels(result)
+    positions = np.arange(len(labels))
     width = 0.8 / len(backends)
     for i, backend in enumerate(backends):
-        rows = [lookup.get((backend, size, key)) for key in STAGE_LABELS]
+        rows = [lookup.get((backend, size, key)) for key in labels]
         medians = [row["median_ms"] if row else np.nan for row in rows]
         ax.bar(positions + (i - (len(backends) - 1) / 2) * width, medians, width, label=backend)
-    ax.set_xticks(positions, list(STAGE_LABELS.values()), rotation=30, ha="right")
+    ax.set_xticks(positions, list(labels.values()), rotation=30, ha="right")
     ax.set_yscale("log")
     ax.set_ylabel("median ms per call")
     ax.set_title(f"per-stage cost at {size}², {result['machine']['threads']} threads")
@@ -787,7 +819,8 @@ def _stage_markdown(result: dict[str, Any]) -> str:
     columns = [(b, s) for s in settings["sizes"] for b in settings["backends"]]
     header = ["stage, ms median (p90)", *(f"{b} {s}²" for b, s in columns)]
     rows = [
-        [label, *(_ms(lookup.get((b, s, key))) for b, s in columns)] for key, label in STAGE_LABELS.items()
+        [label, *(_ms(lookup.get((b, s, key))) for b, s in columns)]
+        for key, label in _stage_labels(result).items()
     ]
     return _table(header, rows)
 

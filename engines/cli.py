@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from facestream.engines.backends import BACKENDS, DEFAULT_BACKEND
+from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS
 from facestream.engines.export import export_onnx
 from facestream.engines.schedulers import SCHEDULERS
 from facestream.engines.segment import SegmentOptions, run_segment
@@ -27,6 +28,17 @@ def _weights_argument(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="folder with segmentation/flow/policy/dvsnet .safetensors "
         "(default: $FACESTREAM_WEIGHTS, else the weights shipped with the package)",
+    )
+
+
+def _flow_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--flow",
+        choices=FLOWS,
+        default=DEFAULT_FLOW,
+        help="flow to warp by: flownet = the learned FlowNet2-s F; dis = OpenCV DIS optical flow "
+        "(medium preset, no learned flow); the rl/dvsnet schedulers still use F's Conv6 features "
+        f"(default: {DEFAULT_FLOW})",
     )
 
 
@@ -65,6 +77,7 @@ class SegmentCommand:
         )
         parser.add_argument("--tau", type=float, help="rl: key when pi(key|s) > tau (default 0.5)")
         parser.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND)
+        _flow_argument(parser)
         parser.add_argument("--size", type=int, help="face crop side in pixels (must match the weights)")
         _weights_argument(parser)
         parser.add_argument("--out", type=Path, metavar="VIDEO", help="write an overlay video (mp4)")
@@ -89,6 +102,7 @@ class SegmentCommand:
                 max_frames=args.max_frames,
                 threads=args.threads,
                 progress=not args.no_progress,
+                flow=args.flow,
             )
             report = run_segment(options)
         except (WeightsError, ValueError, OSError) as exc:
@@ -134,6 +148,7 @@ class BenchCommand:
         parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
         parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
         parser.add_argument("--key-backbone", choices=["mobilenet_v2", "resnet50"], default="resnet50")
+        _flow_argument(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         # bench plots with matplotlib, which comes with the `bench`/`dev` extras only
@@ -148,6 +163,7 @@ class BenchCommand:
             repeats=args.repeats,
             pipeline_frames=args.frames,
             key_backbone=args.key_backbone,
+            flow=args.flow,
         )
         print(format_tables(result))
         print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")

@@ -111,6 +111,7 @@ class Scheduler(ABC):
     name: str = "?"
     knob: str | None = None
     needs_flow: bool = False
+    needs_conv6: bool = False  # reads F's Conv6 features (so DIS flow must still run F)
 
     @abstractmethod
     def decide(self, ctx: DecisionContext) -> Decision:
@@ -181,7 +182,7 @@ class FlowMagnitudeScheduler(Scheduler):
 
 
 class DVSNetScheduler(Scheduler):
-    name, knob, needs_flow = "dvsnet", "threshold", True
+    name, knob, needs_flow, needs_conv6 = "dvsnet", "threshold", True, True
 
     def __init__(self, threshold: float = 0.8) -> None:
         if not 0.0 <= threshold <= 1.0:
@@ -194,7 +195,7 @@ class DVSNetScheduler(Scheduler):
 
 
 class RLScheduler(Scheduler):
-    name, knob, needs_flow = "rl", "tau", True
+    name, knob, needs_flow, needs_conv6 = "rl", "tau", True, True
 
     def __init__(self, tau: float = 0.5) -> None:
         if not 0.0 <= tau <= 1.0:

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from facestream import __version__
 from facestream.engines.backends import create_networks
+from facestream.engines.dis_flow import DEFAULT_FLOW
 from facestream.engines.pipeline import FrameResult, StreamSegmenter
 from facestream.engines.report import StageStats, average_key_interval
 from facestream.engines.schedulers import make_scheduler
@@ -37,6 +38,7 @@ class SegmentOptions:
     max_frames: int | None = None
     threads: int | None = None
     progress: bool = True
+    flow: str = DEFAULT_FLOW
 
 
 class _Outputs:
@@ -77,9 +79,15 @@ def check_size(size: int | None, trained: int) -> None:
 def run_segment(options: SegmentOptions) -> dict[str, Any]:
     """Segment every frame of ``options.source``; returns (and optionally writes) the report."""
     weights = find_weights(options.weights)
-    networks = create_networks(weights, options.backend, threads=options.threads)
-    check_size(options.size, networks.segmentation_config.input_size)
     scheduler = make_scheduler(options.scheduler, options.knob)
+    networks = create_networks(
+        weights,
+        options.backend,
+        threads=options.threads,
+        flow=options.flow,
+        conv6=scheduler.needs_conv6,
+    )
+    check_size(options.size, networks.segmentation_config.input_size)
     segmenter = StreamSegmenter(networks, scheduler)
     source = open_source(options.source, max_frames=options.max_frames)
     outputs = _Outputs(options, source.fps)
@@ -153,6 +161,7 @@ def _report(options, weights, networks, scheduler, source, stats, counts, wall) 
             "backbone": networks.segmentation_config.backbone,
             "split": networks.segmentation_config.split,
         },
+        "flow": options.flow,
         "flow_input_size": networks.flow_config.input_size,
         "weights": {"dir": str(weights.directory), "sha256": weights.hashes()},
         "stages_ms": summary,

@@ -62,14 +62,21 @@ def build_network(config: Any) -> nn.Module:
         raise TypeError(f"no network for config {type(config).__name__}") from None
 
 
-def save_network(module: nn.Module, path: str | Path, card: dict[str, Any] | None = None) -> Path:
-    """Write ``module``'s weights and config (and an optional model card dict) as safetensors."""
+def save_network(
+    module: nn.Module, path: str | Path, card: dict[str, Any] | None = None, *, half: bool = False
+) -> Path:
+    """Write ``module``'s weights and config (and an optional model card dict) as safetensors.
+
+    ``half`` stores floating-point tensors as float16 (half the size; loading casts them back to
+    the network's float32 parameters)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": FORMAT, "config": config_to_json(module.config)}
     if card is not None:
         metadata["card"] = json.dumps(card, sort_keys=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    if half:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     save_file(tensors, str(path), metadata=metadata)
     return path
 

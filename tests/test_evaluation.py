@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import clip_frames, networks, random_weights
+from helpers import FakeClip, clip_frames, networks, random_weights
 
 from facestream.cli import main
 from facestream.engines.face import Box
@@ -32,35 +31,6 @@ from facestream.training.evaluation import (
 from facestream.training.oracle import Oracle
 
 SIZE = 64
-
-
-class FakeClip:
-    """Real frames, a synthetic face label (ellipse skin, two eyes, a mouth) in a drifting box."""
-
-    def __init__(
-        self, frames: list[np.ndarray], unlabelled: tuple[int, ...] = (), clip_id: str = "fake"
-    ) -> None:
-        self.clip_id, self._frames, self._unlabelled = clip_id, frames, set(unlabelled)
-
-    def frames(self) -> Iterator[np.ndarray]:
-        yield from self._frames
-
-    @property
-    def labelled(self) -> list[int]:
-        return [i for i in range(len(self._frames)) if i not in self._unlabelled]
-
-    def box(self, index: int) -> Box | None:
-        return Box(120.0 + 2 * index, 130.0, 120.0 + 2 * index + 260, 390.0)
-
-    def label(self, index: int) -> np.ndarray:
-        label = np.zeros(self._frames[index].shape[:2], np.uint8)
-        cx = 250 + 2 * index
-        cv2.ellipse(label, (cx, 260), (100, 120), 0, 0, 360, 1, -1)
-        for dx in (-40, 40):
-            cv2.ellipse(label, (cx + dx, 220), (18, 8), 0, 0, 360, 2, -1)
-        cv2.ellipse(label, (cx, 320), (40, 16), 0, 0, 360, 3, -1)
-        cv2.ellipse(label, (cx, 320), (25, 6), 0, 0, 360, 4, -1)
-        return label
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from facestream.engines.backends import BACKENDS, DEFAULT_BACKEND, create_networks
+from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS
+from facestream.engines.schedulers import SCHEDULERS
 from facestream.engines.weights import WeightsError, find_weights
 from facestream.training.compare import compare_teachers
 from facestream.training.evaluation import SCHEDULER_NAMES, EvalConfig
@@ -159,6 +161,12 @@ class EvaluateCommand:
         )
         parser.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND)
         parser.add_argument(
+            "--flow",
+            choices=FLOWS,
+            default=DEFAULT_FLOW,
+            help="warp flow: learned F (flownet) or OpenCV DIS (dis; F still gives rl/dvsnet Conv6)",
+        )
+        parser.add_argument(
             "--teacher",
             choices=TEACHERS,
             help=f"labeller of unlabelled videos (default: the manifest's, else {DEFAULT_TEACHER})",
@@ -190,7 +198,10 @@ class EvaluateCommand:
                 max_frames=args.max_frames,
                 progress=not args.no_progress,
             )
-            networks = create_networks(weights, args.backend, threads=args.threads)
+            conv6 = any(SCHEDULERS[name].needs_conv6 for name in schedulers)
+            networks = create_networks(
+                weights, args.backend, threads=args.threads, flow=args.flow, conv6=conv6
+            )
             options = SweepOptions(
                 schedulers=schedulers,
                 sweep=args.sweep,

@@ -118,6 +118,7 @@ class PairTable:
     confusion: np.ndarray  # (T, G+1, K, K) int64
     magnitude: np.ndarray  # (T, G+1) float32, mean flow magnitude in N-input pixels
     conv6: np.ndarray  # (T, G+1, C6, s, s) float16
+    agreement: np.ndarray  # (T, G+1) float32 pixel accuracy of the warped mask vs the frame's own key mask
 
     @property
     def frames(self) -> int:
@@ -154,7 +155,7 @@ class PairTable:
         with np.load(path) as data:
             return cls(
                 str(data["clip_id"]),
-                *(data[k] for k in ("scored", "valid", "confusion", "magnitude", "conv6")),
+                *(data[k] for k in ("scored", "valid", "confusion", "magnitude", "conv6", "agreement")),
             )
 
 
@@ -242,6 +243,7 @@ def build_pair_table(
         np.zeros((count, gaps, NUM_CLASSES, NUM_CLASSES), dtype=np.int64),
         np.zeros((count, gaps), dtype=np.float32),
         np.zeros((count, gaps, six.conv6_channels, six.conv6_size, six.conv6_size), dtype=np.float16),
+        np.zeros((count, gaps), dtype=np.float32),
     )
     window: OrderedDict[int, _Key] = OrderedDict()
     for i, (rgb, box, label) in enumerate(tqdm(frames, desc=f"pairs {clip.clip_id}", disable=not progress)):
@@ -271,8 +273,10 @@ def _add_frame(
 ) -> None:
     key = builder.key(rgb, box)
     scores = builder.networks.task(key.features)
-    table.confusion[i, 0] = confusions(builder.predictions(scores, [box], box), label)[0]
+    own = builder.predictions(scores, [box], box)
+    table.confusion[i, 0] = confusions(own, label)[0]
     table.valid[i, 0] = True
+    table.agreement[i, 0] = 1.0
     ks = list(window)
     for start in range(0, len(ks), builder.config.batch):
         chunk = ks[start : start + builder.config.batch]
@@ -281,6 +285,7 @@ def _add_frame(
         gaps = [i - k for k in chunk]
         pred = builder.predictions(scores, [k.box for k in keys], box)
         table.confusion[i, gaps] = confusions(pred, label)
+        table.agreement[i, gaps] = (pred == own).float().mean(dim=(1, 2)).numpy()
         table.valid[i, gaps] = True
         table.magnitude[i, gaps] = mean_flow_magnitude(flow.flow, builder.stride)
         table.conv6[i, gaps] = flow.conv6.astype(np.float16)
@@ -300,7 +305,8 @@ def cached_pair_table(
     """The pair table from ``cache`` when its inputs (labels, weights, config) are unchanged."""
     if cache is None:
         return build_pair_table(clip, networks, config, progress=progress)
-    key = json.dumps([clip_identity(clip), fingerprint, asdict(config), networks.backend])
+    conv6 = getattr(networks, "conv6", True)  # DIS flow without F leaves Conv6 empty
+    key = json.dumps([clip_identity(clip), fingerprint, asdict(config), networks.backend, conv6])
     path = cache / f"{clip.clip_id}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if path.is_file():
         return PairTable.load(path)

@@ -1,0 +1,117 @@
+"""OpenCV DIS optical flow as a drop-in replacement for the learned flow network F.
+
+:class:`DisFlowNetworks` wraps any :class:`Networks` and answers :meth:`~Networks.flow` with
+Dense Inverse Search (Kroeger et al., ECCV 2016; ``cv2.DISOpticalFlow``, medium preset) on the
+greyscale frames instead of FlowNet2-s; N_feat, N_task, the warp, the policy and the DVSNet head
+are the wrapped networks'. DIS predicts no DFF scale field (it is 1 everywhere) and has no Conv6
+features: the ``rl`` and ``dvsnet`` schedulers read those from the wrapped F, which then runs as
+well (``conv6=True``); otherwise F never runs and Conv6 is zeros.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import cv2
+import numpy as np
+
+from facestream.engines.networks import FlowResult, Networks
+
+FLOWS = ("flownet", "dis")
+DEFAULT_FLOW = "flownet"
+DIS_PRESET = cv2.DISOPTICAL_FLOW_PRESET_MEDIUM
+
+
+def _grey(rgb: np.ndarray) -> np.ndarray:
+    """(3, H, W) float RGB in [0, 1] -> (H, W) uint8 greyscale."""
+    image = np.clip(rgb.transpose(1, 2, 0) * 255.0 + 0.5, 0.0, 255.0).astype(np.uint8)
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+
+
+class DisFlowNetworks(Networks):
+    """``inner`` with F's flow replaced by OpenCV DIS optical flow (see the module docstring).
+
+    One DIS instance per object, guarded by a lock: ``cv2.DISOpticalFlow`` keeps state between
+    calls and is not thread-safe.
+    """
+
+    def __init__(self, inner: Networks, *, conv6: bool = True) -> None:
+        super().__init__(
+            inner.segmentation_config,
+            inner.flow_config,
+            has_policy=inner.has_policy,
+            has_dvsnet=inner.has_dvsnet,
+        )
+        self.inner = inner
+        self.conv6 = conv6
+        self.backend = f"{inner.backend}+dis"
+        self._dis = cv2.DISOpticalFlow.create(DIS_PRESET)  # = cv2.DISOpticalFlow_create
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        # Backend-specific extras (sessions, device, ...) come from the wrapped networks.
+        if name == "inner":  # not set yet (during __init__): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        return self.inner.features(images)
+
+    def task(self, features: np.ndarray) -> np.ndarray:
+        return self.inner.task(features)
+
+    def warp(self, features: np.ndarray, flow: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        return self.inner.warp(features, flow, scale)
+
+    def key_probability(self, conv6: np.ndarray, expert: np.ndarray) -> np.ndarray:
+        return self.inner.key_probability(conv6, expert)
+
+    def dvsnet_score(self, conv6: np.ndarray) -> np.ndarray:
+        return self.inner.dvsnet_score(conv6)
+
+    def flow(self, pairs: np.ndarray) -> FlowResult:
+        """DIS flow from each current frame to its key frame, on the warp grid; scale 1; Conv6
+        from the wrapped F when ``conv6`` was asked for, else zeros."""
+        if pairs.ndim != 4 or pairs.shape[1] != 6:
+            raise ValueError(f"expected (B, 6, Sf, Sf) [current, key] pairs, got {pairs.shape}")
+        config = self.flow_config
+        batch, (height, width), grid = pairs.shape[0], pairs.shape[-2:], config.warp_size
+        flow = np.empty((batch, 2, grid, grid), np.float32)
+        for b in range(batch):
+            current, key = _grey(pairs[b, :3]), _grey(pairs[b, 3:])
+            with self._lock:
+                # (H, W, 2): current -> key, x first. Pass no flow array: DIS takes one of the
+                # right shape as its initial flow (uninitialised memory there segfaults it).
+                field = self._dis.calc(current, key, None)  # type: ignore[call-overload]
+            flow[b] = self._to_grid(np.asarray(field), grid, width, height)
+        scale = np.ones((batch, config.scale_channels, grid, grid), np.float32)
+        if self.conv6:
+            conv6 = self.inner.flow(pairs).conv6
+        else:
+            side = config.conv6_size
+            conv6 = np.zeros((batch, config.conv6_channels, side, side), np.float32)
+        return FlowResult(flow, scale, conv6)
+
+    @staticmethod
+    def _to_grid(field: np.ndarray, grid: int, width: int, height: int) -> np.ndarray:
+        """(H, W, 2) flow in input pixels -> (2, grid, grid) in warp-grid pixels."""
+        if (height, width) != (grid, grid):
+            shrink = grid < width and grid < height
+            interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+            field = cv2.resize(field, (grid, grid), interpolation=interpolation)
+        out = field.transpose(2, 0, 1).astype(np.float32)
+        out[0] *= grid / width
+        out[1] *= grid / height
+        return out
+
+
+def with_flow(networks: Networks, flow: str, *, conv6: bool) -> Networks:
+    """``networks`` with flow method ``flow``: unchanged for ``flownet`` (F), wrapped in
+    :class:`DisFlowNetworks` for ``dis``. ``conv6``: whether DIS must still run F for its Conv6
+    features (the ``rl`` and ``dvsnet`` schedulers need them)."""
+    if flow == "flownet":
+        return networks
+    if flow == "dis":
+        return DisFlowNetworks(networks, conv6=conv6)
+    raise ValueError(f"unknown flow {flow!r}; choose one of {', '.join(FLOWS)}")

@@ -1,0 +1,251 @@
+"""Offline training: run folders, N, F, the DVSNet head and the RL policy on tiny inputs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import FakeClip, clip_frames, one_torch_thread
+
+from facestream.engines.weights import load_network, read_metadata
+from facestream.models import DeepLabV3Plus, DVSNetHead, FlowNet2S, KeyPolicy
+from facestream.models.config import SegmentationConfig
+from facestream.training.evaluation import PairTable
+from facestream.training.runs import RunError, cosine_lr, open_run, read_log
+from facestream.training.train_flow import FlowTrainConfig, dis_flow, make_pairs, train_flow
+from facestream.training.train_policy import (
+    DVSNetTrainConfig,
+    PolicyTrainConfig,
+    PolicyTrainer,
+    policy_config_for,
+    train_dvsnet,
+    train_policy,
+)
+from facestream.training.train_segmentation import (
+    Augmenter,
+    SegTrainConfig,
+    cut_crops,
+    score_crops,
+    segmentation_loss,
+    train_segmentation,
+)
+
+
+@pytest.fixture(scope="module")
+def clip(videos_dir: Path) -> FakeClip:
+    return FakeClip(clip_frames(videos_dir, count=12), unlabelled=(5,))
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    a: int = 1
+
+
+def test_run_folder_refuses_another_config(tmp_path: Path) -> None:
+    open_run(tmp_path, _Cfg(1))
+    open_run(tmp_path, _Cfg(1))  # same config: resume
+    with pytest.raises(RunError, match="another config"):
+        open_run(tmp_path, _Cfg(2))
+    open_run(tmp_path, _Cfg(2), fresh=True)
+    assert json.loads((tmp_path / "config.json").read_text())["config"] == {"a": 2}
+
+
+def test_cosine_schedule() -> None:
+    assert cosine_lr(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert cosine_lr(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert cosine_lr(100, 100, 1.0, 10) == pytest.approx(0.0)
+
+
+def test_crops_and_identity_augmentation_keep_labels_aligned(clip: FakeClip) -> None:
+    config = SegTrainConfig(input_size=64, context=1.25, scale=(1.0, 1.0), shift=0.0, rotation=0.0)
+    crops = cut_crops([clip], 80, config.context, progress=False)
+    assert len(crops) == len(clip.labelled) and crops.images.shape[1:] == (80, 80, 3)
+    # no geometric change except a possible flip: the central 64/80 of the context crop
+    x, y = Augmenter(config, torch.Generator().manual_seed(0))(crops.images, crops.labels, 64)
+    assert x.shape == (len(crops), 3, 64, 64) and y.shape == (len(crops), 64, 64)
+    centre = crops.labels[:, 8:72, 8:72]
+    flipped = centre[:, :, ::-1]
+    for i in range(len(crops)):
+        agree = max((y[i].numpy() == centre[i]).mean(), (y[i].numpy() == flipped[i]).mean())
+        assert agree > 0.97
+
+
+def test_loss_prefers_the_right_answer() -> None:
+    target = torch.randint(0, 5, (2, 8, 8))
+    right = torch.nn.functional.one_hot(target, 5).permute(0, 3, 1, 2).float() * 8
+    wrong = right.roll(1, dims=1)
+    assert segmentation_loss(right, target, 1.0) < 0.1 < segmentation_loss(wrong, target, 1.0)
+
+
+def test_train_segmentation_learns_and_resumes(clip: FakeClip, tmp_path: Path) -> None:
+    config = SegTrainConfig(
+        input_size=64,
+        steps=80,
+        batch=4,
+        lr=3e-3,
+        warmup=2,
+        val_every=40,
+        val_stride=1,
+        checkpoint_every=10,
+        rotation=0.0,
+        bf16=False,
+    )
+    with one_torch_thread():
+        path = train_segmentation(config, [clip], [clip], tmp_path, progress=False)
+        model = load_network(path)
+        assert isinstance(model, DeepLabV3Plus)
+        crops = cut_crops([clip], 64, 1.0, progress=False)
+        learnt = score_crops(model, crops, bf16=False)["miou"]
+        untrained = score_crops(DeepLabV3Plus(SegmentationConfig(input_size=64)).eval(), crops, bf16=False)[
+            "miou"
+        ]
+    assert learnt > untrained + 0.2
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == list(range(1, 81))
+    assert sum("val_miou" in r for r in log) == 2
+    assert (tmp_path / "training.png").stat().st_size > 0
+    card = json.loads(read_metadata(path)["card"])
+    assert card["trained"] is True and card["steps"] == 80
+    # resuming a finished run trains no further step and rewrites the same log
+    with one_torch_thread():
+        train_segmentation(config, [clip], [clip], tmp_path, progress=False)
+    assert [r["step"] for r in read_log(tmp_path)] == list(range(1, 81))
+
+
+def test_dis_flow_finds_a_translation() -> None:
+    rng = np.random.default_rng(0)
+    texture = cv2_blur((rng.random((160, 160, 3)) * 255).astype(np.uint8))
+    key = texture[16:144, 16:144]
+    current = texture[16 + 2 : 144 + 2, 16 + 4 : 144 + 4]  # current pixel p is key pixel p + (4, 2)
+    flow = dis_flow(current, key, 32)  # grid of 32: vectors divided by 4
+    inner = flow[:, 8:24, 8:24]
+    assert np.median(inner[0]) == pytest.approx(1.0, abs=0.2)
+    assert np.median(inner[1]) == pytest.approx(0.5, abs=0.2)
+
+
+def cv2_blur(image: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.GaussianBlur(image, (0, 0), 2.0)
+
+
+def test_train_flow_both_stages(clip: FakeClip, tmp_path: Path) -> None:
+    config = FlowTrainConfig(
+        crop_size=64,
+        input_size=64,
+        warp_size=16,
+        scale_channels=5,
+        max_gap=4,
+        pairs_per_frame=2.0,
+        distil_steps=12,
+        dff_steps=6,
+        dff_pairs=10,
+        batch=4,
+        warmup=2,
+        checkpoint_every=5,
+        bf16=False,
+    )
+    pairs = make_pairs([clip], config, progress=False)
+    assert len(pairs) > 5 and pairs.dis.shape[1:] == (2, 16, 16)
+    assert 1 <= pairs.gap.min() and pairs.gap.max() <= 4
+    seg = DeepLabV3Plus(SegmentationConfig(input_size=64))
+    with one_torch_thread():
+        train_flow(config, [clip], None, tmp_path, progress=False)  # distillation only
+        assert {r["stage"] for r in read_log(tmp_path)} == {"distil"}
+        path = train_flow(config, [clip], seg, tmp_path, progress=False)  # resumes into DFF
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == list(range(1, 19))
+    assert [r["stage"] for r in log].count("dff") == 6 and all("seg_loss" in r for r in log[12:])
+    assert isinstance(load_network(path), FlowNet2S)
+
+
+def _tables(seed: int = 0, frames: int = 120, gaps: int = 30) -> list[PairTable]:
+    """Synthetic tables: warping decays with the gap, and much faster on 'moving' frames, which
+    Conv6 channel 0 flags -- a policy that reads it can place keys where they pay."""
+    rng = np.random.default_rng(seed)
+    tables = []
+    for n in range(2):
+        moving = rng.random(frames) < 0.15
+        g = np.arange(gaps + 1)[None, :]
+        u = 0.9 - 0.002 * g - 0.3 * moving[:, None] * (g > 0)
+        conf = np.zeros((frames, gaps + 1, 5, 5), dtype=np.int64)
+        for c in range(5):  # per-frame mIoU == u exactly: diagonal share u, rest on background
+            conf[:, :, c, c] = np.round(1000 * u).astype(np.int64)
+            conf[:, :, c, 0] += 1000 - np.round(1000 * u).astype(np.int64) if c else 0
+        valid = np.ones((frames, gaps + 1), dtype=bool)
+        valid[np.arange(frames)[:, None] < g] = False
+        conv6 = rng.normal(0, 0.1, (frames, gaps + 1, 8, 2, 2)).astype(np.float16)
+        conv6[:, :, 0] += (moving[:, None] * 3.0)[..., None, None].astype(np.float16)
+        tables.append(
+            PairTable(
+                f"t{n}",
+                np.ones(frames, bool),
+                valid,
+                conf,
+                np.zeros((frames, gaps + 1), np.float32),
+                conv6,
+                np.ones((frames, gaps + 1), np.float32),
+            )
+        )
+    return tables
+
+
+def test_rollouts_respect_the_key_budget() -> None:
+    tables = _tables()
+    config = PolicyTrainConfig(eta=0.05, trials=4, batch_episodes=2, episode_len=100, window=40)
+    policy = KeyPolicy(policy_config_for(tables, 40))
+    with torch.no_grad():
+        policy.fc3.bias[:] = torch.tensor([-3.0, 3.0])  # nearly always "key"
+        policy.fc3.weight.zero_()
+    trainer = PolicyTrainer(config, tables, policy)
+    roll, returns, steps = trainer.rollout([trainer.sample_episode() for _ in range(2)])
+    # the budget is 0.05 x 40 = 2 keys: every trajectory stops right after its third key
+    keys = np.bincount(roll.trial, weights=roll.action, minlength=len(steps))
+    assert (keys == 3).all()
+    last = {t: s for t, s in zip(roll.trial, roll.step, strict=True)}
+    key_steps = [s for t, s, a in zip(roll.trial, roll.step, roll.action, strict=True) if a]
+    assert max(key_steps) <= max(last.values()) and steps.max() < 10
+    assert len(roll.action) == steps.sum() - len(steps)
+    assert (returns >= 0).all()
+
+
+def test_reinforce_learns_to_key_moving_frames(tmp_path: Path) -> None:
+    tables = _tables()
+    config = PolicyTrainConfig(
+        eta=0.1,
+        episodes=240,
+        trials=8,
+        batch_episodes=8,
+        episode_len=60,
+        window=30,
+        lr=3e-4,
+        entropy=0.01,
+        checkpoint_every=10,
+    )
+    with one_torch_thread():
+        path = train_policy(config, tables, tmp_path, progress=False)
+    log = read_log(tmp_path)
+    first = np.mean([r["return"] for r in log[:5]])
+    last = np.mean([r["return"] for r in log[-5:]])
+    assert last > first
+    policy = load_network(path)
+    assert isinstance(policy, KeyPolicy)
+    expert = torch.tensor([[0.0, 0.3]])
+    moving = torch.zeros(1, 8, 2, 2)
+    moving[:, 0] = 3.0
+    with torch.no_grad():
+        assert policy.key_probability(moving, expert) > policy.key_probability(
+            torch.zeros(1, 8, 2, 2), expert
+        )
+    assert (tmp_path / "fig3_training.png").stat().st_size > 0
+
+
+def test_dvsnet_head_fits_the_warp_score(tmp_path: Path) -> None:
+    with one_torch_thread():
+        path, fit = train_dvsnet(DVSNetTrainConfig(epochs=3, batch=128), _tables(), tmp_path, progress=False)
+    assert isinstance(load_network(path), DVSNetHead)
+    assert fit["holdout_pearson"] > 0.8

@@ -1,0 +1,294 @@
+"""``facestream train {segmentation,flow,dvsnet,policy}``: resumable training runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from facestream.training.manifest import DEFAULT_TEACHER, ManifestError, load_manifest, open_clips
+from facestream.training.runs import RunError, set_threads
+
+
+def _common(parser: argparse.ArgumentParser, out: str) -> None:
+    parser.add_argument("--manifest", default="default", help="manifest JSON or 'default' (../shared/data)")
+    parser.add_argument(
+        "--teacher", default=DEFAULT_TEACHER, help=f"label teacher (default: {DEFAULT_TEACHER})"
+    )
+    parser.add_argument(
+        "--labels", type=Path, help="labels cache folder (default: ~/.cache/facestream/labels)"
+    )
+    parser.add_argument("--out", type=Path, default=Path(out), help=f"run folder (default: {out})")
+    parser.add_argument("--fresh", action="store_true", help="discard the run folder's checkpoint")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _segmentation(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    from facestream.training.train_segmentation import SegTrainConfig
+
+    d = SegTrainConfig()
+    p = sub.add_parser("segmentation", help="N (DeepLab-V3+) from scratch on set A teacher labels")
+    _common(p, "runs/segmentation")
+    p.add_argument("--backbone", choices=("mobilenet_v2", "resnet50"), default=d.backbone)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--input-size", type=int, default=d.input_size)
+    p.add_argument("--val-every", type=int, default=d.val_every)
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    p.add_argument("--seed", type=int, default=d.seed)
+
+    def run(args: argparse.Namespace) -> int:
+        from facestream.training.train_segmentation import train_segmentation
+
+        config = SegTrainConfig(
+            manifest=str(args.manifest),
+            teacher=args.teacher,
+            backbone=args.backbone,
+            input_size=args.input_size,
+            steps=args.steps,
+            batch=args.batch,
+            lr=args.lr,
+            val_every=args.val_every,
+            bf16=not args.fp32,
+            seed=args.seed,
+        )
+        manifest = load_manifest(config.manifest)
+        progress = not args.no_progress
+        train = open_clips(
+            manifest, config.train_set, teacher=config.teacher, labels_dir=args.labels, progress=progress
+        )
+        val = open_clips(
+            manifest, config.val_set, teacher=config.teacher, labels_dir=args.labels, progress=progress
+        )
+        card = {"data": f"manifest {manifest.name}, set {config.train_set}, teacher {config.teacher} labels"}
+        path = train_segmentation(
+            config, train, val, args.out, fresh=args.fresh, progress=progress, card=card
+        )
+        print(f"wrote {path}")
+        return 0
+
+    return run
+
+
+def _flow(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    from facestream.training.train_flow import FlowTrainConfig
+
+    d = FlowTrainConfig()
+    p = sub.add_parser(
+        "flow",
+        help="F (FlowNet2-s) from scratch: DIS distillation, then DFF fine-tuning with N frozen",
+    )
+    _common(p, "runs/flow")
+    p.add_argument(
+        "--segmentation",
+        type=Path,
+        help="N's segmentation.safetensors for the DFF stage (without it only the DIS stage runs)",
+    )
+    p.add_argument("--distil-steps", type=int, default=d.distil_steps)
+    p.add_argument("--dff-steps", type=int, default=d.dff_steps)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--seed", type=int, default=d.seed)
+
+    def run(args: argparse.Namespace) -> int:
+        from facestream.engines.weights import load_network
+        from facestream.models import DeepLabV3Plus
+        from facestream.training.train_flow import train_flow
+
+        segmentation = None
+        if args.segmentation is not None:
+            segmentation = load_network(args.segmentation)
+            if not isinstance(segmentation, DeepLabV3Plus):
+                raise ValueError(f"{args.segmentation} is not a segmentation network")
+        size = segmentation.config if segmentation is not None else None
+        config = FlowTrainConfig(
+            manifest=str(args.manifest),
+            teacher=args.teacher,
+            distil_steps=args.distil_steps,
+            dff_steps=args.dff_steps,
+            batch=args.batch,
+            seed=args.seed,
+            **(
+                {
+                    "crop_size": size.input_size,
+                    "warp_size": size.feature_size,
+                    "scale_channels": size.feature_channels,
+                }
+                if size is not None
+                else {}
+            ),
+        )
+        manifest = load_manifest(config.manifest)
+        progress = not args.no_progress
+        clips = open_clips(
+            manifest, config.train_set, teacher=config.teacher, labels_dir=args.labels, progress=progress
+        )
+        card = {
+            "data": f"manifest {manifest.name}, set {config.train_set}, teacher {config.teacher} labels",
+            "segmentation_for_dff": str(args.segmentation) if args.segmentation else None,
+        }
+        path = train_flow(
+            config, clips, segmentation, args.out, fresh=args.fresh, progress=progress, card=card
+        )
+        print(f"wrote {path}")
+        return 0
+
+    return run
+
+
+def _tables_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        required=True,
+        help="folder with the trained segmentation and flow safetensors",
+    )
+    parser.add_argument("--set", default="B", help="manifest set to learn from (default: B)")
+    parser.add_argument(
+        "--cache", type=Path, default=Path("runs/pairs"), help="pair-table cache (default: runs/pairs)"
+    )
+    parser.add_argument("--max-gap", type=int, default=90, help="longest key distance in the pair tables")
+
+
+def _pair_tables(args: argparse.Namespace) -> tuple[list, str]:
+    from facestream.engines.backends import create_networks
+    from facestream.engines.weights import find_weights
+    from facestream.training.evaluation import EvalConfig, cached_pair_table
+
+    weights = find_weights(args.weights)
+    networks = create_networks(weights, "onnxruntime", threads=args.threads)
+    manifest = load_manifest(args.manifest)
+    progress = not args.no_progress
+    clips = open_clips(manifest, args.set, teacher=args.teacher, labels_dir=args.labels, progress=progress)
+    config = EvalConfig(max_gap=args.max_gap)
+    fingerprint = weights.fingerprint()
+    tables = [cached_pair_table(c, networks, fingerprint, config, args.cache, progress) for c in clips]
+    source = f"manifest {manifest.name}, set {args.set}, teacher {args.teacher} labels; weights {fingerprint}"
+    return tables, source
+
+
+def _dvsnet(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    from facestream.training.train_policy import DVSNetTrainConfig
+
+    d = DVSNetTrainConfig()
+    p = sub.add_parser(
+        "dvsnet", help="the DVSNet baseline head: Conv6 features -> warped frame's mIoU (set B)"
+    )
+    _common(p, "runs/dvsnet")
+    _tables_arguments(p)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+
+    def run(args: argparse.Namespace) -> int:
+        from facestream.training.train_policy import train_dvsnet
+
+        tables, source = _pair_tables(args)
+        config = DVSNetTrainConfig(epochs=args.epochs)
+        path, fit = train_dvsnet(
+            config, tables, args.out, progress=not args.no_progress, card={"data": source}
+        )
+        print(f"wrote {path}: " + ", ".join(f"{k} {v:.4g}" for k, v in fit.items()))
+        return 0
+
+    return run
+
+
+def _policy(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    from facestream.training.train_policy import REWARDS, PolicyTrainConfig
+
+    d = PolicyTrainConfig()
+    p = sub.add_parser("policy", help="the RL key policy (REINFORCE, paper section 3.2) on set B pair tables")
+    _common(p, "runs/policy")
+    _tables_arguments(p)
+    p.add_argument(
+        "--eta", type=float, default=d.eta, help="key budget: KAR limit of an episode (default 0.04)"
+    )
+    p.add_argument("--episodes", type=int, default=d.episodes)
+    p.add_argument("--trials", type=int, default=d.trials, help="K trials per episode")
+    p.add_argument("--episode-len", type=int, default=d.episode_len)
+    p.add_argument("--entropy", type=float, default=d.entropy, help="entropy weight lambda1")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--reward", choices=REWARDS, default=d.reward, help="eq1: labels; eq2: no labels")
+    p.add_argument("--seed", type=int, default=d.seed)
+
+    def run(args: argparse.Namespace) -> int:
+        from facestream.training.train_policy import train_policy
+
+        tables, source = _pair_tables(args)
+        config = PolicyTrainConfig(
+            eta=args.eta,
+            episodes=args.episodes,
+            trials=args.trials,
+            episode_len=args.episode_len,
+            entropy=args.entropy,
+            lr=args.lr,
+            reward=args.reward,
+            seed=args.seed,
+        )
+        path = train_policy(
+            config, tables, args.out, fresh=args.fresh, progress=not args.no_progress, card={"data": source}
+        )
+        print(f"wrote {path}")
+        return 0
+
+    return run
+
+
+def _ship(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    p = sub.add_parser("ship", help="pack trained runs into a weights folder (float16) with model cards")
+    p.add_argument(
+        "--runs", type=Path, default=Path("runs"), help="folder of the training runs (default: runs)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("models/weights"), help="weights folder (default: models/weights)"
+    )
+    p.add_argument("--etas", default="0.04,0.06,0.14", help="policies to ship (one per eta)")
+    p.add_argument("--default-eta", type=float, default=0.04, help="the policy shipped as policy.safetensors")
+    p.add_argument("--metrics", type=Path, help="JSON {file stem: {metric: value}} to put on the model cards")
+    p.add_argument("--teacher", default=DEFAULT_TEACHER)
+    p.add_argument("--threads", type=int)
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+
+        from facestream.training.ship import default_sources, ship_weights
+
+        etas = tuple(float(e) for e in args.etas.split(",") if e.strip())
+        sources = default_sources(args.runs, etas, args.default_eta)
+        metrics = json.loads(args.metrics.read_text()) if args.metrics else None
+        commands = {}
+        for name, path in sources.items():
+            config = path.parent / "config.json"
+            if config.is_file():
+                commands[name] = " ".join(["facestream", *json.loads(config.read_text())["command"][1:]])
+        written = ship_weights(sources, args.out, metrics=metrics, commands=commands, teacher=args.teacher)
+        total = sum(p.stat().st_size for p in written.values()) / 1e6
+        print(f"wrote {len(written)} networks to {args.out} ({total:.1f} MB)")
+        return 0
+
+    return run
+
+
+BUILDERS = (_segmentation, _flow, _dvsnet, _policy, _ship)
+
+
+class TrainCommand:
+    name = "train"
+    help = "train N, F, the DVSNet head or the RL key policy (resumable runs)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        sub = parser.add_subparsers(dest="network", metavar="NETWORK", required=True)
+        for build in BUILDERS:
+            before = set(sub.choices)
+            run = build(sub)
+            for name in set(sub.choices) - before:
+                sub.choices[name].set_defaults(_train=run)
+
+    def run(self, args: argparse.Namespace) -> int:
+        set_threads(args.threads)
+        try:
+            return int(args._train(args))
+        except (RunError, ManifestError, OSError, ValueError) as exc:
+            print(f"facestream train {args.network}: error: {exc}", file=sys.stderr)
+            return 2

@@ -1,0 +1,452 @@
+"""Training the RL key policy (paper section 3.2) and the DVSNet baseline head on set B.
+
+Both learn from the evaluation's pair tables (:mod:`facestream.training.evaluation`): for every
+scored frame i and gap g <= 90 the table holds F's Conv6 features D_{i->i-g}, the frame's
+confusion matrix with the key g frames back (g = 0: the frame is itself a key) and the pixel
+agreement of that warped mask with the frame's own key mask. So N and F are frozen and run once;
+an episode is then pure table look-ups, and 2,400 episodes train in minutes on 2 cores.
+
+Policy training follows the paper:
+
+* state: Conv6 features to the last key plus expert information [KAR, LKD/90] over the last 90
+  decisions (the engine's :class:`DecisionHistory` definition, so the deployed policy sees the
+  same inputs);
+* reward (Eq. 1): 0 for non-key, U(key) - U(warp) for key, U = per-frame mIoU against the teacher
+  labels; Eq. 2 (``reward="eq2"``, no labels): 1 - pixel agreement of the warped mask with the key
+  mask;
+* "stop immediately": when the keys taken in the last 90 decisions exceed eta x 90 the episode
+  ends at once, so one model per eta learns a different key frequency;
+* REINFORCE with K trials per episode (the trials' mean return-to-go is the baseline), mini-batch
+  of 8 episodes, entropy bonus lambda1 = 0.14, epsilon-greedy guard 0.98, RMSProp lr 1e-3,
+  gamma = 1, 270-frame episodes from random start frames (shorter where clips are).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from facestream.engines.weights import save_network
+from facestream.models import DVSNetHead, KeyPolicy
+from facestream.models.config import DVSNetConfig, PolicyConfig
+from facestream.training.evaluation import PairTable
+from facestream.training.runs import (
+    append_log,
+    load_checkpoint,
+    open_run,
+    parameter_count,
+    read_log,
+    save_checkpoint,
+    seed_everything,
+    truncate_log,
+)
+
+REWARDS = ("eq1", "eq2")
+ETAS = (0.04, 0.06, 0.14)
+
+
+@dataclass(frozen=True)
+class PolicyTrainConfig:
+    eta: float = 0.04
+    episodes: int = 2400
+    batch_episodes: int = 8
+    trials: int = 32
+    episode_len: int = 270
+    entropy: float = 0.14
+    epsilon: float = 0.98
+    lr: float = 1e-3
+    gamma: float = 1.0
+    window: int = 90
+    reward: str = "eq1"
+    seed: int = 0
+    checkpoint_every: int = 10  # updates
+
+    def __post_init__(self) -> None:
+        if self.reward not in REWARDS:
+            raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
+        if not 0 < self.eta < 1:
+            raise ValueError(f"eta is a key-all ratio in (0, 1), got {self.eta}")
+
+
+@dataclass
+class _Table:
+    """One clip's table in the form the simulation reads."""
+
+    conv6: torch.Tensor  # (T, G+1, C, s, s) float16
+    valid: np.ndarray  # (T, G+1)
+    gain: np.ndarray  # (T, G+1) reward of a key at frame i with the last key g back
+    runs: list[tuple[int, int]]
+
+
+def _prepare(tables: Sequence[PairTable], reward: str) -> list[_Table]:
+    prepared = []
+    for t in tables:
+        if reward == "eq1":
+            u = t.frame_miou()
+            gain = np.where(t.valid, u[:, :1] - u, 0.0)
+        else:
+            gain = np.where(t.valid, 1.0 - t.agreement, 0.0)
+        gain[:, 0] = 0.0
+        runs = [(a, b) for a, b in t.episodes() if b - a >= 2]
+        prepared.append(_Table(torch.from_numpy(t.conv6), t.valid, gain.astype(np.float64), runs))
+    if not any(p.runs for p in prepared):
+        raise ValueError("no episodes of two or more scored frames in these pair tables")
+    return prepared
+
+
+@dataclass
+class _Rollout:
+    """The decisions of one update: per decision its episode, trial, step, state and action."""
+
+    episode: list[int] = dataclasses.field(default_factory=list)
+    trial: list[int] = dataclasses.field(default_factory=list)
+    step: list[int] = dataclasses.field(default_factory=list)
+    pair: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (table, frame, gap)
+    expert: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    action: list[int] = dataclasses.field(default_factory=list)
+    reward: list[float] = dataclasses.field(default_factory=list)
+
+
+class PolicyTrainer:
+    def __init__(self, config: PolicyTrainConfig, tables: Sequence[PairTable], policy: KeyPolicy) -> None:
+        self.config, self.policy = config, policy
+        self.tables = _prepare(tables, config.reward)
+        lengths = np.array([sum(b - a for a, b in t.runs) for t in self.tables], dtype=np.float64)
+        self.table_weights = lengths / lengths.sum()
+        self.rng = np.random.default_rng(config.seed)
+
+    def sample_episode(self) -> tuple[int, int, int]:
+        """(table, start frame, length): a random start inside a random run of scored frames."""
+        ti = int(self.rng.choice(len(self.tables), p=self.table_weights))
+        runs = self.tables[ti].runs
+        sizes = np.array([b - a for a, b in runs], dtype=np.float64)
+        a, b = runs[int(self.rng.choice(len(runs), p=sizes / sizes.sum()))]
+        start = int(self.rng.integers(a, b - 1))
+        return ti, start, min(self.config.episode_len, b - start)
+
+    @torch.no_grad()
+    def _probabilities(self, pairs: list[tuple[int, int, int]], expert: np.ndarray) -> np.ndarray:
+        unique = sorted(set(pairs))
+        where = {p: n for n, p in enumerate(unique)}
+        conv6 = torch.stack([self.tables[t].conv6[f, g] for t, f, g in unique]).float()
+        trunk = self.policy.trunk(conv6)[[where[p] for p in pairs]]
+        logits = self.policy.head(trunk, torch.from_numpy(expert))
+        return torch.softmax(logits, dim=1)[:, 1].double().numpy()
+
+    def rollout(self, episodes: Sequence[tuple[int, int, int]]) -> tuple[_Rollout, np.ndarray, np.ndarray]:
+        """K trials of every episode; returns the decisions, per-trajectory return and length."""
+        c = self.config
+        k = c.trials
+        n = len(episodes) * k
+        ep_of = np.repeat(np.arange(len(episodes)), k)
+        spec = np.array(episodes, dtype=np.int64).reshape(-1, 3)[ep_of]
+        table_of, start_of, length_of = spec[:, 0], spec[:, 1].copy(), spec[:, 2]
+        history = np.zeros((n, c.window), dtype=bool)  # ring buffer of the last decisions (key?)
+        filled = np.ones(n, dtype=np.int64)  # the episode's first frame is a key, as in the engine
+        history[:, 0] = True
+        policy_keys = np.zeros((n, c.window), dtype=bool)  # keys after the first (for the budget)
+        head = np.ones(n, dtype=np.int64)
+        last_key = start_of.copy()
+        alive = np.ones(n, dtype=bool)
+        returns = np.zeros(n)
+        steps = np.ones(n, dtype=np.int64)
+        out = _Rollout()
+        for t in range(1, int(length_of.max())):
+            alive &= t < length_of
+            if not alive.any():
+                break
+            frame = start_of + t
+            gap = frame - last_key
+            idx = np.nonzero(alive)[0]
+            max_gap = self.tables[0].valid.shape[1] - 1
+            forced = idx[gap[idx] > max_gap]
+            decide = idx[gap[idx] <= max_gap]
+            keys = np.zeros(n, dtype=bool)
+            keys[forced] = True
+            if len(decide):
+                kar = history[decide].sum(axis=1) / np.minimum(filled[decide], c.window)
+                lkd = np.minimum(gap[decide], c.window) / c.window
+                expert = np.stack((kar, lkd), axis=1).astype(np.float32)
+                pairs = [(int(table_of[j]), int(frame[j]), int(gap[j])) for j in decide]
+                prob = self._probabilities(pairs, expert)
+                guarded = np.clip(prob, 1 - c.epsilon, c.epsilon)
+                action = self.rng.random(len(decide)) < guarded
+                keys[decide] = action
+                for m, j in enumerate(decide):
+                    gain = self.tables[table_of[j]].gain[frame[j], gap[j]] if action[m] else 0.0
+                    returns[j] += gain
+                    out.episode.append(int(ep_of[j]))
+                    out.trial.append(int(j))
+                    out.step.append(t)
+                    out.pair.append(pairs[m])
+                    out.expert.append((float(expert[m, 0]), float(expert[m, 1])))
+                    out.action.append(int(action[m]))
+                    out.reward.append(float(gain))
+            slot = head[idx] % c.window
+            history[idx, slot] = keys[idx]
+            policy_keys[idx, slot] = keys[idx]
+            head[idx] += 1
+            filled[idx] += 1
+            last_key[keys] = frame[keys]
+            steps[idx] += 1
+            # "stop immediately exceeding the limitation": the key budget of the last 90 decisions
+            over = policy_keys[idx].sum(axis=1) > c.eta * c.window
+            alive[idx[over]] = False
+        return out, returns, steps
+
+    def update(
+        self, optimizer: torch.optim.Optimizer, episodes: Sequence[tuple[int, int, int]]
+    ) -> dict[str, Any]:
+        c = self.config
+        roll, returns, steps = self.rollout(episodes)
+        if not roll.action:
+            return {"return": 0.0, "length": float(steps.mean()), "keys": 0.0}
+        trial = np.array(roll.trial)
+        step = np.array(roll.step)
+        reward = np.array(roll.reward)
+        # return-to-go with gamma, per trajectory (decisions are in time order per trajectory)
+        togo = np.zeros_like(reward)
+        order = np.lexsort((-step, trial))
+        running: dict[int, float] = {}
+        for m in order:
+            j = trial[m]
+            running[j] = reward[m] + c.gamma * running.get(j, 0.0)
+            togo[m] = running[j]
+        # baseline: mean return-to-go of the episode's trials that reached the same step
+        episode = np.array(roll.episode)
+        key = episode * 100000 + step
+        _, inverse = np.unique(key, return_inverse=True)
+        baseline = np.bincount(inverse, weights=togo) / np.bincount(inverse)
+        advantage = torch.from_numpy(togo - baseline[inverse]).float()
+        unique = sorted(set(roll.pair))
+        where = {p: n for n, p in enumerate(unique)}
+        conv6 = torch.stack([self.tables[t].conv6[f, g] for t, f, g in unique]).float()
+        trunk = self.policy.trunk(conv6)[[where[p] for p in roll.pair]]
+        logits = self.policy.head(trunk, torch.tensor(roll.expert, dtype=torch.float32))
+        logp = F.log_softmax(logits, dim=1)
+        action = torch.tensor(roll.action)
+        chosen = logp.gather(1, action[:, None])[:, 0]
+        entropy = -(logp.exp() * logp).sum(dim=1)
+        trajectories = len(episodes) * c.trials
+        loss = -((chosen * advantage).sum() + c.entropy * entropy.sum()) / trajectories
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        decisions = len(roll.action)
+        weights = self.policy.expert_weights()
+        return {
+            "return": float(returns.mean()),
+            "length": float(steps.mean()),
+            "kar": float(np.sum(roll.action) / decisions),
+            "entropy": float(entropy.mean().detach()),
+            "w_kar": float(weights[0]),
+            "w_lkd": float(weights[1]),
+            "loss": float(loss.detach()),
+        }
+
+
+def policy_config_for(tables: Sequence[PairTable], window: int = 90) -> PolicyConfig:
+    shape = tables[0].conv6.shape
+    return PolicyConfig(in_channels=shape[2], conv6_size=shape[3], window=window)
+
+
+def train_policy(
+    config: PolicyTrainConfig,
+    tables: Sequence[PairTable],
+    out: Path,
+    *,
+    fresh: bool = False,
+    progress: bool = True,
+    card: dict[str, Any] | None = None,
+) -> Path:
+    """REINFORCE over the pair tables; writes ``out/policy.safetensors`` and the Fig. 3 plot."""
+    open_run(out, config, fresh=fresh)
+    seed_everything(config.seed)
+    policy = KeyPolicy(policy_config_for(tables, config.window))
+    optimizer = torch.optim.RMSprop(policy.parameters(), lr=config.lr)
+    trainer = PolicyTrainer(config, tables, policy)
+    update, extra = load_checkpoint(out, {"policy": policy, "optimizer": optimizer})
+    if "rng" in extra:
+        trainer.rng.bit_generator.state = extra["rng"]
+    truncate_log(out, update)
+    elapsed = float(extra.get("elapsed", 0.0))
+    updates = -(-config.episodes // config.batch_episodes)
+    bar = tqdm(
+        total=updates, initial=update, desc=f"train RL eta={config.eta:g}", disable=not progress, unit="upd"
+    )
+    while update < updates:
+        t0 = time.perf_counter()
+        episodes = [trainer.sample_episode() for _ in range(config.batch_episodes)]
+        stats = trainer.update(optimizer, episodes)
+        update += 1
+        elapsed += time.perf_counter() - t0
+        append_log(
+            out,
+            {
+                "step": update,
+                "episodes": update * config.batch_episodes,
+                **stats,
+                "elapsed_s": round(elapsed, 1),
+            },
+        )
+        bar.update(1)
+        bar.set_postfix(
+            ret=f"{stats['return']:.3f}", kar=f"{stats.get('kar', 0):.3f}", len=f"{stats['length']:.0f}"
+        )
+        if update % config.checkpoint_every == 0 or update == updates:
+            save_checkpoint(
+                out,
+                update,
+                {"policy": policy, "optimizer": optimizer},
+                {"rng": trainer.rng.bit_generator.state, "elapsed": elapsed},
+            )
+    bar.close()
+    info = {
+        "trained": True,
+        "network": "RL key policy (paper section 3.2)",
+        "eta": config.eta,
+        "train": dataclasses.asdict(config),
+        "updates": update,
+        "train_minutes": round(elapsed / 60, 1),
+        "parameters": parameter_count(policy),
+        "final_return": round(float(np.mean([r["return"] for r in read_log(out)[-20:]])), 4),
+        **(card or {}),
+    }
+    path = save_network(policy, out / "policy.safetensors", info)
+    plot_policy_training([out])
+    return path
+
+
+def plot_policy_training(runs: Sequence[Path], path: Path | None = None) -> Path:
+    """The paper's Fig. 3: average return, and FC3's KAR and LKD weights, over training episodes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for run in runs:
+        log = read_log(run)
+        if not log:
+            continue
+        import json
+
+        eta = json.loads((run / "config.json").read_text())["config"]["eta"]
+        x = np.array([r["episodes"] for r in log])
+        for axis, key in zip(axes, ("return", "w_kar", "w_lkd"), strict=True):
+            values = np.array([r.get(key, np.nan) for r in log], dtype=float)
+            if key == "return" and len(values) >= 10:
+                values = np.convolve(values, np.ones(10) / 10, mode="same")
+            axis.plot(x, values, label=f"η = {eta:g}", lw=1.2)
+    titles = (
+        "average return (smoothed)",
+        "FC3 weight on KAR (key - non-key)",
+        "FC3 weight on LKD (key - non-key)",
+    )
+    for axis, title in zip(axes, titles, strict=True):
+        axis.set(xlabel="training episodes", title=title)
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    path = path or runs[0] / "fig3_training.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- DVSNet
+
+
+@dataclass(frozen=True)
+class DVSNetTrainConfig:
+    epochs: int = 6
+    batch: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    holdout: float = 0.15  # share of pairs (by frame) kept out to report the fit
+
+
+def dvsnet_samples(tables: Sequence[PairTable]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Conv6 features, target score (the warped frame's mIoU) and frame id of every pair g >= 1."""
+    feats, targets, frames = [], [], []
+    for n, t in enumerate(tables):
+        u = t.frame_miou()
+        index = np.nonzero(t.valid[:, 1:] & np.isfinite(u[:, 1:]))
+        feats.append(t.conv6[:, 1:][index])
+        targets.append(u[:, 1:][index].astype(np.float32))
+        frames.append(n * 1_000_000 + index[0])
+    return np.concatenate(feats), np.concatenate(targets), np.concatenate(frames)
+
+
+def train_dvsnet(
+    config: DVSNetTrainConfig,
+    tables: Sequence[PairTable],
+    out: Path,
+    *,
+    progress: bool = True,
+    card: dict[str, Any] | None = None,
+) -> tuple[Path, dict[str, float]]:
+    """Regress the warped result's per-frame mIoU from Conv6 features (MSE); writes dvsnet.safetensors."""
+    open_run(out, config, fresh=True)
+    seed_everything(config.seed)
+    feats, targets, frames = dvsnet_samples(tables)
+    unique = np.unique(frames)
+    rng = np.random.default_rng(config.seed)
+    held = set(rng.choice(unique, size=max(1, int(len(unique) * config.holdout)), replace=False).tolist())
+    test = np.array([f in held for f in frames])
+    shape = tables[0].conv6.shape
+    head = DVSNetHead(DVSNetConfig(in_channels=shape[2], conv6_size=shape[3]))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    x_train, y_train = torch.from_numpy(feats[~test]), torch.from_numpy(targets[~test])
+    steps = config.epochs * -(-len(x_train) // config.batch)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=steps)
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc="train DVSNet", disable=not progress, unit="step")
+    step = 0
+    for epoch in range(config.epochs):
+        order = torch.randperm(len(x_train))
+        for i in range(0, len(order), config.batch):
+            sel = order[i : i + config.batch]
+            loss = F.mse_loss(head(x_train[sel].float()), y_train[sel])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            if step % 50 == 0:
+                append_log(out, {"step": step, "epoch": epoch, "loss": float(loss.detach())})
+    bar.close()
+    with torch.no_grad():
+        pred = torch.cat(
+            [
+                head(torch.from_numpy(feats[test][i : i + 2048]).float())
+                for i in range(0, int(test.sum()), 2048)
+            ]
+        )
+    truth = targets[test]
+    fit = {
+        "holdout_pairs": int(test.sum()),
+        "holdout_mae": float(np.abs(pred.numpy() - truth).mean()),
+        "holdout_pearson": float(np.corrcoef(pred.numpy(), truth)[0, 1]),
+        "train_minutes": round((time.perf_counter() - start) / 60, 2),
+    }
+    info = {
+        "trained": True,
+        "network": "DVSNet decision head (Conv6 -> expected mIoU of the warped frame)",
+        "train": dataclasses.asdict(config),
+        "parameters": parameter_count(head),
+        **{k: round(v, 4) for k, v in fit.items()},
+        **(card or {}),
+    }
+    return save_network(head, out / "dvsnet.safetensors", info), fit
