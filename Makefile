@@ -42,11 +42,10 @@ $(MEDIAPIPE_VENV)/bin/python:
 train-all: teacher-mediapipe ## reproduce models/weights from scratch (about 2 h on 2 cores; rerun to resume)
 	$(BIN)/facestream train segmentation --out $(RUNS)/segmentation --threads 2
 	$(BIN)/facestream train flow --segmentation $(RUNS)/segmentation/segmentation.safetensors --out $(RUNS)/flow --threads 2
-	mkdir -p $(RUNS)/weights
-	cp $(RUNS)/segmentation/segmentation.safetensors $(RUNS)/flow/flow.safetensors $(RUNS)/weights/
-	$(BIN)/facestream train dvsnet --weights $(RUNS)/weights --out $(RUNS)/dvsnet --threads 2
+	$(BIN)/facestream train ship --runs $(RUNS) --out models/weights
+	$(BIN)/facestream train dvsnet --weights models/weights --out $(RUNS)/dvsnet --threads 2
 	for eta in $(ETAS); do \
-		$(BIN)/facestream train policy --weights $(RUNS)/weights --eta $$eta --out $(RUNS)/policy-eta$$eta --threads 2 || exit 1; \
+		$(BIN)/facestream train policy --weights models/weights --eta $$eta --out $(RUNS)/policy-eta$$eta --threads 2 || exit 1; \
 	done
 	$(BIN)/facestream train ship --runs $(RUNS) --out models/weights --etas "$$(echo $(ETAS) | tr ' ' ,)"
 

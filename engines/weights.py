@@ -128,9 +128,12 @@ class WeightSet:
     def hashes(self) -> dict[str, str]:
         return {name: file_sha256(path) for name, path in sorted(self.paths.items())}
 
-    def fingerprint(self) -> str:
-        """One short hash over all files (used as a cache key for exported models)."""
-        joined = json.dumps(self.hashes(), sort_keys=True).encode()
+    def fingerprint(self, names: tuple[str, ...] | None = None) -> str:
+        """One short hash over all files, or over the networks ``names`` (cache keys)."""
+        hashes = self.hashes()
+        if names is not None:
+            hashes = {name: hashes[name] for name in names if name in hashes}
+        joined = json.dumps(hashes, sort_keys=True).encode()
         return hashlib.sha256(joined).hexdigest()[:16]
 
     def load(self, name: str) -> nn.Module:

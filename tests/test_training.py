@@ -11,11 +11,12 @@ import pytest
 import torch
 from helpers import FakeClip, clip_frames, one_torch_thread
 
-from facestream.engines.weights import load_network, read_metadata
+from facestream.engines.weights import find_weights, load_network, read_metadata, write_random_weights
 from facestream.models import DeepLabV3Plus, DVSNetHead, FlowNet2S, KeyPolicy
 from facestream.models.config import SegmentationConfig
-from facestream.training.evaluation import PairTable
+from facestream.training.evaluation import PAIR_NETWORKS, PairTable
 from facestream.training.runs import RunError, cosine_lr, open_run, read_log
+from facestream.training.ship import ship_weights
 from facestream.training.train_flow import FlowTrainConfig, dis_flow, make_pairs, train_flow
 from facestream.training.train_policy import (
     DVSNetTrainConfig,
@@ -249,3 +250,36 @@ def test_dvsnet_head_fits_the_warp_score(tmp_path: Path) -> None:
         path, fit = train_dvsnet(DVSNetTrainConfig(epochs=3, batch=128), _tables(), tmp_path, progress=False)
     assert isinstance(load_network(path), DVSNetHead)
     assert fit["holdout_pearson"] > 0.8
+
+
+def test_shipping_halves_the_files_and_writes_cards(tmp_path: Path) -> None:
+    small = SegmentationConfig(input_size=64)
+    weights = write_random_weights(tmp_path / "runs", small, seed=1)
+    sources = {name: weights.paths[name] for name in ("segmentation", "flow", "policy")}
+    metrics = {"segmentation": {"miou_C": 0.8}}
+    commands = {"flow": "facestream train flow"}
+    written = ship_weights(sources, tmp_path / "shipped", metrics=metrics, commands=commands)
+    for name, path in written.items():
+        assert path.stat().st_size < 0.6 * sources[name].stat().st_size
+        original, shipped = load_network(sources[name]), load_network(path)
+        for (key, a), b in zip(original.state_dict().items(), shipped.state_dict().values(), strict=True):
+            assert b.dtype == a.dtype, key  # loading casts float16 back
+            assert torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-3), key
+    card = (tmp_path / "shipped" / "segmentation.md").read_text()
+    assert "miou_C | 0.8" in card and "sha256" in card
+    assert "facestream train flow" in (tmp_path / "shipped" / "flow.md").read_text()
+    # shipping again gives the same bytes (pair-table caches are keyed on the hashes)
+    before = {n: p.read_bytes() for n, p in written.items()}
+    again = ship_weights(
+        sources, tmp_path / "shipped", metrics={"segmentation": {"miou_C": 0.9}}, commands=commands
+    )
+    assert {n: p.read_bytes() for n, p in again.items()} == before
+
+
+def test_pair_tables_are_keyed_on_n_and_f_only(tmp_path: Path) -> None:
+    weights = write_random_weights(tmp_path, SegmentationConfig(input_size=64), seed=2)
+    before = weights.fingerprint(PAIR_NETWORKS), weights.fingerprint()
+    write_random_weights(tmp_path / "other", SegmentationConfig(input_size=64), seed=3)
+    (tmp_path / "policy.safetensors").write_bytes((tmp_path / "other" / "policy.safetensors").read_bytes())
+    after = find_weights(tmp_path)
+    assert after.fingerprint(PAIR_NETWORKS) == before[0] and after.fingerprint() != before[1]

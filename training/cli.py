@@ -12,7 +12,7 @@ from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS
 from facestream.engines.schedulers import SCHEDULERS
 from facestream.engines.weights import WeightsError, find_weights
 from facestream.training.compare import compare_teachers
-from facestream.training.evaluation import SCHEDULER_NAMES, EvalConfig
+from facestream.training.evaluation import PAIR_NETWORKS, SCHEDULER_NAMES, EvalConfig
 from facestream.training.labelling import label_video, make_teacher
 from facestream.training.manifest import (
     DEFAULT_TEACHER,
@@ -212,7 +212,7 @@ class EvaluateCommand:
                 cache=args.cache or args.out / "cache",
                 progress=not args.no_progress,
             )
-            report = evaluate(clips, networks, weights.fingerprint(), options, args.out)
+            report = evaluate(clips, networks, weights.fingerprint(PAIR_NETWORKS), options, args.out)
         except (WeightsError, ManifestError, TeacherError, OSError, ValueError) as exc:
             return _fail(self.name, exc)
         print(

@@ -59,6 +59,7 @@ from facestream.training.manifest import Clip
 from facestream.training.oracle import Oracle
 
 NUM_CLASSES = 5
+PAIR_NETWORKS = ("segmentation", "flow")  # what a pair table depends on (its cache key's weights)
 SCHEDULER_NAMES = ("always", "fixed", "random", "flow", "dvsnet", "rl")
 FIXED_GRID = (2, 3, 5, 10, 15, 20, 30, 45, 60, 90)
 QUANTILES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)

@@ -12,7 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from facestream.engines.weights import FILES, file_sha256, load_network, read_metadata, save_network
+import torch
+
+from facestream.engines.weights import FILES, REQUIRED, file_sha256, load_network, read_metadata, save_network
 
 LICENCE = {
     "mediapipe": "labels from MediaPipe Face Mesh (Apache-2.0 model); the videos' own licences apply "
@@ -43,27 +45,54 @@ def ship_weights(
         card.update(
             {
                 "licence": LICENCE.get(teacher, f"labels from the {teacher} teacher"),
-                "metrics": dict((metrics or {}).get(name, {})),
                 "command": (commands or {}).get(name, card.get("command", "")),
                 "stored_as": "float16",
             }
         )
-        path = save_network(module, out / f"{name}.safetensors", card, half=True)
-        (out / f"{name}.md").write_text(model_card(name, path, card))
+        # Shipping the same run again (say, with new evaluation metrics for the .md card) keeps the
+        # file as it is: safetensors orders its metadata differently on each write, and pair-table
+        # caches are keyed on the files' hashes.
+        path = out / f"{name}.safetensors"
+        if not _unchanged(path, module, card):
+            save_network(module, path, card, half=True)
+        shown = {**card, "metrics": dict((metrics or {}).get(name, {}))}
+        (out / f"{name}.md").write_text(model_card(name, path, shown))
         written[name] = path
     return written
+
+
+def _unchanged(path: Path, module: Any, card: Mapping[str, Any]) -> bool:
+    """Whether ``path`` already holds ``module`` (as float16) with this card."""
+    if not path.is_file():
+        return False
+    try:
+        metadata = read_metadata(path)
+        if json.loads(metadata.get("card", "{}")) != json.loads(json.dumps(card)):
+            return False
+        stored = load_network(path).state_dict()
+    except Exception:
+        return False
+    current = module.state_dict()
+    if stored.keys() != current.keys():
+        return False
+    return all(
+        torch.equal(stored[k], v.half().to(v.dtype) if v.is_floating_point() else v)
+        for k, v in current.items()
+    )
 
 
 def model_card(name: str, path: Path, card: Mapping[str, Any]) -> str:
     config = json.loads(read_metadata(path)["config"])
     size_mb = path.stat().st_size / 1e6
     stored = card.get("stored_as", "float32")
+    params = card.get("parameters")
+    params_text = f"{params:,}" if isinstance(params, int) else "?"
     lines = [
         f"# {name}.safetensors",
         "",
         f"**Network**: {card.get('network', config.get('kind'))}  ",
         f"**Config**: `{json.dumps(config, sort_keys=True)}`  ",
-        f"**Parameters**: {card.get('parameters', '?'):,}; file {size_mb:.1f} MB ({stored})  ",
+        f"**Parameters**: {params_text}; file {size_mb:.1f} MB ({stored})  ",
         f"**sha256**: `{file_sha256(path)}`",
         "",
         "## Data",
@@ -120,7 +149,8 @@ def _fmt(value: Any) -> str:
 
 
 def default_sources(runs: Path, etas: tuple[float, ...], default_eta: float) -> dict[str, Path]:
-    """The run folders ``make train-all`` writes, by shipped file stem."""
+    """The run folders ``make train-all`` writes, by shipped file stem (those trained so far;
+    N and F are required)."""
     sources = {
         "segmentation": runs / "segmentation" / FILES["segmentation"],
         "flow": runs / "flow" / FILES["flow"],
@@ -130,7 +160,7 @@ def default_sources(runs: Path, etas: tuple[float, ...], default_eta: float) -> 
     for eta in etas:
         if eta != default_eta:
             sources[f"policy-eta{eta:g}"] = runs / f"policy-eta{eta:g}" / FILES["policy"]
-    missing = [str(p) for p in sources.values() if not p.is_file()]
+    missing = [str(p) for n, p in sources.items() if n in REQUIRED and not p.is_file()]
     if missing:
         raise FileNotFoundError(f"missing trained networks: {', '.join(missing)} (run make train-all)")
-    return sources
+    return {n: p for n, p in sources.items() if p.is_file()}

@@ -155,7 +155,7 @@ def _tables_arguments(parser: argparse.ArgumentParser) -> None:
 def _pair_tables(args: argparse.Namespace) -> tuple[list, str]:
     from facestream.engines.backends import create_networks
     from facestream.engines.weights import find_weights
-    from facestream.training.evaluation import EvalConfig, cached_pair_table
+    from facestream.training.evaluation import PAIR_NETWORKS, EvalConfig, cached_pair_table
 
     weights = find_weights(args.weights)
     networks = create_networks(weights, "onnxruntime", threads=args.threads)
@@ -163,7 +163,7 @@ def _pair_tables(args: argparse.Namespace) -> tuple[list, str]:
     progress = not args.no_progress
     clips = open_clips(manifest, args.set, teacher=args.teacher, labels_dir=args.labels, progress=progress)
     config = EvalConfig(max_gap=args.max_gap)
-    fingerprint = weights.fingerprint()
+    fingerprint = weights.fingerprint(PAIR_NETWORKS)
     tables = [cached_pair_table(c, networks, fingerprint, config, args.cache, progress) for c in clips]
     source = f"manifest {manifest.name}, set {args.set}, teacher {args.teacher} labels; weights {fingerprint}"
     return tables, source

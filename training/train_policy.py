@@ -67,6 +67,7 @@ class PolicyTrainConfig:
     gamma: float = 1.0
     window: int = 90
     reward: str = "eq1"
+    grad_decisions: int = 4096  # decisions sampled (uniformly, rescaled) for each gradient step
     seed: int = 0
     checkpoint_every: int = 10  # updates
 
@@ -226,18 +227,27 @@ class PolicyTrainer:
         key = episode * 100000 + step
         _, inverse = np.unique(key, return_inverse=True)
         baseline = np.bincount(inverse, weights=togo) / np.bincount(inverse)
-        advantage = torch.from_numpy(togo - baseline[inverse]).float()
-        unique = sorted(set(roll.pair))
+        advantage_all = togo - baseline[inverse]
+        # An unbiased estimate of the summed policy gradient from a uniform sample of the decisions
+        # (the trunk's backward pass over every decision of 256 trajectories is the slow part).
+        count = len(roll.action)
+        pick = np.arange(count)
+        if count > c.grad_decisions:
+            pick = self.rng.choice(count, size=c.grad_decisions, replace=False)
+        weight = count / len(pick)
+        pairs = [roll.pair[m] for m in pick]
+        advantage = torch.from_numpy(advantage_all[pick]).float()
+        unique = sorted(set(pairs))
         where = {p: n for n, p in enumerate(unique)}
         conv6 = torch.stack([self.tables[t].conv6[f, g] for t, f, g in unique]).float()
-        trunk = self.policy.trunk(conv6)[[where[p] for p in roll.pair]]
-        logits = self.policy.head(trunk, torch.tensor(roll.expert, dtype=torch.float32))
+        trunk = self.policy.trunk(conv6)[[where[p] for p in pairs]]
+        logits = self.policy.head(trunk, torch.tensor([roll.expert[m] for m in pick], dtype=torch.float32))
         logp = F.log_softmax(logits, dim=1)
-        action = torch.tensor(roll.action)
+        action = torch.tensor([roll.action[m] for m in pick])
         chosen = logp.gather(1, action[:, None])[:, 0]
         entropy = -(logp.exp() * logp).sum(dim=1)
         trajectories = len(episodes) * c.trials
-        loss = -((chosen * advantage).sum() + c.entropy * entropy.sum()) / trajectories
+        loss = -weight * ((chosen * advantage).sum() + c.entropy * entropy.sum()) / trajectories
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
