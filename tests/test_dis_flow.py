@@ -184,7 +184,7 @@ def test_everything_but_flow_is_the_wrapped_networks(inner: Networks) -> None:
 
 
 def test_with_flow_chooses_or_rejects(inner: Networks, tmp_path_factory: pytest.TempPathFactory) -> None:
-    assert FLOWS == ("flownet", "dis") and DEFAULT_FLOW == "flownet"
+    assert FLOWS == ("flownet", "dis") and DEFAULT_FLOW == "dis"
     assert with_flow(inner, "flownet", conv6=False) is inner
     wrapped = with_flow(inner, "dis", conv6=True)
     assert isinstance(wrapped, DisFlowNetworks) and wrapped.conv6 and wrapped.inner is inner

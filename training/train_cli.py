@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS
 from facestream.training.manifest import DEFAULT_TEACHER, ManifestError, load_manifest, open_clips
 from facestream.training.runs import RunError, set_threads
 
@@ -150,6 +151,12 @@ def _tables_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache", type=Path, default=Path("runs/pairs"), help="pair-table cache (default: runs/pairs)"
     )
     parser.add_argument("--max-gap", type=int, default=90, help="longest key distance in the pair tables")
+    parser.add_argument(
+        "--flow",
+        choices=FLOWS,
+        default=DEFAULT_FLOW,
+        help=f"warp flow of the tables (default: {DEFAULT_FLOW})",
+    )
 
 
 def _pair_tables(args: argparse.Namespace) -> tuple[list, str]:
@@ -158,14 +165,17 @@ def _pair_tables(args: argparse.Namespace) -> tuple[list, str]:
     from facestream.training.evaluation import PAIR_NETWORKS, EvalConfig, cached_pair_table
 
     weights = find_weights(args.weights)
-    networks = create_networks(weights, "onnxruntime", threads=args.threads)
+    networks = create_networks(weights, "onnxruntime", threads=args.threads, flow=args.flow, conv6=True)
     manifest = load_manifest(args.manifest)
     progress = not args.no_progress
     clips = open_clips(manifest, args.set, teacher=args.teacher, labels_dir=args.labels, progress=progress)
     config = EvalConfig(max_gap=args.max_gap)
     fingerprint = weights.fingerprint(PAIR_NETWORKS)
     tables = [cached_pair_table(c, networks, fingerprint, config, args.cache, progress) for c in clips]
-    source = f"manifest {manifest.name}, set {args.set}, teacher {args.teacher} labels; weights {fingerprint}"
+    source = (
+        f"manifest {manifest.name}, set {args.set}, teacher {args.teacher} labels; "
+        f"N+F weights {fingerprint}; warp flow {args.flow}"
+    )
     return tables, source
 
 
