@@ -52,7 +52,7 @@ train-all: teacher-mediapipe ## reproduce models/weights from scratch (about 2 h
 evaluate-shipped: ## the set-C evaluation of the shipped weights -> docs/evaluation (figures, results.json)
 	$(BIN)/facestream evaluate --manifest default --set C --schedulers all --sweep --out docs/evaluation \
 		--policy models/weights/policy.safetensors $(foreach eta,$(filter-out 0.04,$(ETAS)),--policy models/weights/policy-eta$(eta).safetensors) \
-		--cache $(RUNS)/pairs-C --threads 2
+		--cache $(RUNS)/pairs-C-full --threads 2
 
 lint:
 	$(BIN)/ruff check .

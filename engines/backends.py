@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from facestream.engines.backend_onnxruntime import OrtNetworks
 from facestream.engines.backend_torch import TorchNetworks
-from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS, with_flow
+from facestream.engines.dis_flow import FLOWS, with_flow
 from facestream.engines.networks import Networks
 from facestream.engines.weights import WeightSet
 
@@ -17,12 +17,13 @@ def create_networks(
     backend: str = DEFAULT_BACKEND,
     *,
     threads: int | None = None,
-    flow: str = DEFAULT_FLOW,
+    flow: str = "flownet",
     conv6: bool = True,
 ) -> Networks:
     """The networks of ``weights`` on ``backend`` (``onnxruntime`` or ``torch``).
 
-    ``flow``: ``flownet`` (the learned F) or ``dis`` (OpenCV DIS optical flow, see
+    ``flow``: ``flownet`` (the learned F; the library default) or ``dis`` (the commands' default,
+    :data:`~facestream.engines.dis_flow.DEFAULT_FLOW`) (OpenCV DIS optical flow, see
     :mod:`facestream.engines.dis_flow`); with ``dis``, ``conv6`` says whether F still runs for
     the Conv6 features the ``rl`` and ``dvsnet`` schedulers need.
     """

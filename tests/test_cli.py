@@ -58,7 +58,8 @@ def test_segment_writes_overlay_masks_and_report(
     assert report["frames"] == FRAMES
     assert report["keys"] == 3  # frames 0, 10, 20
     assert report["aki"] == pytest.approx(FRAMES / 3)
-    assert report["backend"] == "onnxruntime" and report["input_size"] == 128
+    assert report["backend"] == "onnxruntime+dis" and report["flow"] == "dis"  # the default flow
+    assert report["input_size"] == 128
     assert set(report["weights"]["sha256"]) == {"segmentation", "flow", "policy", "dvsnet"}
     for stage in ("decode", "crop", "flow", "warp", "key", "task", "encode", "total"):
         assert {"mean", "p50", "p99"} <= set(report["stages_ms"][stage]), stage
@@ -84,7 +85,7 @@ def test_segment_torch_backend_and_rl(
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["scheduler"] == {"name": "rl", "knob": "tau", "value": 0.5}
-    assert report["backend"] == "torch" and report["frames"] == 8
+    assert report["backend"] == "torch+dis" and report["frames"] == 8  # DIS warps, F gives Conv6
 
 
 def test_segment_without_weights_names_the_fix(videos_dir: Path, env: dict[str, str], tmp_path: Path) -> None:
