@@ -220,6 +220,9 @@ def _policy(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], i
     p.add_argument("--entropy", type=float, default=d.entropy, help="entropy weight lambda1")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--reward", choices=REWARDS, default=d.reward, help="eq1: labels; eq2: no labels")
+    p.add_argument(
+        "--reward-scale", type=float, default=d.reward_scale, help="reward units per mIoU (default: points)"
+    )
     p.add_argument("--seed", type=int, default=d.seed)
 
     def run(args: argparse.Namespace) -> int:
@@ -234,6 +237,7 @@ def _policy(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], i
             entropy=args.entropy,
             lr=args.lr,
             reward=args.reward,
+            reward_scale=args.reward_scale,
             seed=args.seed,
         )
         path = train_policy(

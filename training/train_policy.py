@@ -67,6 +67,7 @@ class PolicyTrainConfig:
     gamma: float = 1.0
     window: int = 90
     reward: str = "eq1"
+    reward_scale: float = 100.0  # rewards in mIoU points (percent), the scale the paper reports
     grad_decisions: int = 4096  # decisions sampled (uniformly, rescaled) for each gradient step
     seed: int = 0
     checkpoint_every: int = 10  # updates
@@ -88,7 +89,7 @@ class _Table:
     runs: list[tuple[int, int]]
 
 
-def _prepare(tables: Sequence[PairTable], reward: str) -> list[_Table]:
+def _prepare(tables: Sequence[PairTable], reward: str, scale: float = 1.0) -> list[_Table]:
     prepared = []
     for t in tables:
         if reward == "eq1":
@@ -97,6 +98,7 @@ def _prepare(tables: Sequence[PairTable], reward: str) -> list[_Table]:
         else:
             gain = np.where(t.valid, 1.0 - t.agreement, 0.0)
         gain[:, 0] = 0.0
+        gain *= scale
         runs = [(a, b) for a, b in t.episodes() if b - a >= 2]
         prepared.append(_Table(torch.from_numpy(t.conv6), t.valid, gain.astype(np.float64), runs))
     if not any(p.runs for p in prepared):
@@ -120,7 +122,7 @@ class _Rollout:
 class PolicyTrainer:
     def __init__(self, config: PolicyTrainConfig, tables: Sequence[PairTable], policy: KeyPolicy) -> None:
         self.config, self.policy = config, policy
-        self.tables = _prepare(tables, config.reward)
+        self.tables = _prepare(tables, config.reward, config.reward_scale)
         lengths = np.array([sum(b - a for a, b in t.runs) for t in self.tables], dtype=np.float64)
         self.table_weights = lengths / lengths.sum()
         self.rng = np.random.default_rng(config.seed)
