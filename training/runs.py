@@ -104,6 +104,20 @@ def load_checkpoint(out: Path, modules: dict[str, Any]) -> tuple[int, dict[str, 
     return int(state["step"]), dict(state.get("extra") or {})
 
 
+def resume(
+    out: Path, modules: dict[str, Any], generator: torch.Generator | None = None
+) -> tuple[int, dict[str, Any], float]:
+    """Restore a run from its checkpoint: (step, extra state, training seconds so far).
+
+    Also restores ``generator`` when the checkpoint saved one (``extra["generator"]``) and drops
+    log lines past the checkpoint, which the resumed run writes again."""
+    step, extra = load_checkpoint(out, modules)
+    if generator is not None and "generator" in extra:
+        generator.set_state(extra["generator"])
+    truncate_log(out, step)
+    return step, extra, float(extra.get("elapsed", 0.0))
+
+
 def append_log(out: Path, record: dict[str, Any]) -> None:
     with open(out / LOG, "a") as handle:
         handle.write(json.dumps(record) + "\n")

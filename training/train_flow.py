@@ -33,14 +33,13 @@ from facestream.training.runs import (
     append_log,
     autocast,
     cosine_lr,
-    load_checkpoint,
     open_run,
     parameter_count,
     read_log,
+    resume,
     save_checkpoint,
     seed_everything,
     set_lr,
-    truncate_log,
 )
 
 STAGES = ("distil", "dff")
@@ -197,11 +196,7 @@ def train_flow(
     model = FlowNet2S(config.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    step, extra = load_checkpoint(out, {"model": model, "optimizer": optimizer})
-    if "generator" in extra:
-        generator.set_state(extra["generator"])
-    truncate_log(out, step)
-    elapsed = float(extra.get("elapsed", 0.0))
+    step, extra, elapsed = resume(out, {"model": model, "optimizer": optimizer}, generator)
     total = config.distil_steps + (config.dff_steps if segmentation is not None else 0)
     features = None
     bar = tqdm(total=total, initial=step, desc="train F", disable=not progress, unit="step")

@@ -41,13 +41,12 @@ from facestream.models.config import DVSNetConfig, PolicyConfig
 from facestream.training.evaluation import PairTable
 from facestream.training.runs import (
     append_log,
-    load_checkpoint,
     open_run,
     parameter_count,
     read_log,
+    resume,
     save_checkpoint,
     seed_everything,
-    truncate_log,
 )
 
 REWARDS = ("eq1", "eq2")
@@ -286,11 +285,9 @@ def train_policy(
     policy = KeyPolicy(policy_config_for(tables, config.window))
     optimizer = torch.optim.RMSprop(policy.parameters(), lr=config.lr)
     trainer = PolicyTrainer(config, tables, policy)
-    update, extra = load_checkpoint(out, {"policy": policy, "optimizer": optimizer})
+    update, extra, elapsed = resume(out, {"policy": policy, "optimizer": optimizer})
     if "rng" in extra:
         trainer.rng.bit_generator.state = extra["rng"]
-    truncate_log(out, update)
-    elapsed = float(extra.get("elapsed", 0.0))
     updates = -(-config.episodes // config.batch_episodes)
     bar = tqdm(
         total=updates, initial=update, desc=f"train RL eta={config.eta:g}", disable=not progress, unit="upd"

@@ -31,14 +31,13 @@ from facestream.training.runs import (
     append_log,
     autocast,
     cosine_lr,
-    load_checkpoint,
     open_run,
     parameter_count,
     read_log,
+    resume,
     save_checkpoint,
     seed_everything,
     set_lr,
-    truncate_log,
 )
 
 NUM_CLASSES = 5
@@ -255,12 +254,8 @@ def train_segmentation(
     model = DeepLabV3Plus(config.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    step, extra = load_checkpoint(out, {"model": model, "optimizer": optimizer})
-    if "generator" in extra:
-        generator.set_state(extra["generator"])
-    truncate_log(out, step)
+    step, extra, elapsed = resume(out, {"model": model, "optimizer": optimizer}, generator)
     augment = Augmenter(config, generator)
-    elapsed = float(extra.get("elapsed", 0.0))
     best = float(extra.get("best", -1.0))
     bar = tqdm(total=config.steps, initial=step, desc="train N", disable=not progress, unit="step")
     running: list[float] = []
