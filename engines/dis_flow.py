@@ -32,6 +32,28 @@ def _grey(rgb: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
 
 
+def create_dis() -> cv2.DISOpticalFlow:
+    """A DIS optical flow object with the medium preset (keeps state: one per thread)."""
+    return cv2.DISOpticalFlow.create(DIS_PRESET)  # = cv2.DISOpticalFlow_create
+
+
+def dis_flow(dis: cv2.DISOpticalFlow, current: np.ndarray, key: np.ndarray, grid: int) -> np.ndarray:
+    """DIS flow from the (H, W) uint8 grey frame ``current`` to ``key``, as (2, grid, grid)
+    float32 in warp-grid pixels, x first (the :class:`FlowResult` convention)."""
+    # (H, W, 2): current -> key. Pass no flow array: DIS takes one of the right shape as its
+    # initial flow (uninitialised memory there segfaults it).
+    field = np.asarray(dis.calc(current, key, None))  # type: ignore[call-overload]
+    height, width = current.shape
+    if (height, width) != (grid, grid):
+        shrink = grid < width and grid < height
+        interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+        field = cv2.resize(field, (grid, grid), interpolation=interpolation)
+    out = field.transpose(2, 0, 1).astype(np.float32)
+    out[0] *= grid / width
+    out[1] *= grid / height
+    return out
+
+
 class DisFlowNetworks(Networks):
     """``inner`` with F's flow replaced by OpenCV DIS optical flow (see the module docstring).
 
@@ -49,7 +71,7 @@ class DisFlowNetworks(Networks):
         self.inner = inner
         self.conv6 = conv6
         self.backend = f"{inner.backend}+dis"
-        self._dis = cv2.DISOpticalFlow.create(DIS_PRESET)  # = cv2.DISOpticalFlow_create
+        self._dis = create_dis()
         self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
@@ -79,15 +101,12 @@ class DisFlowNetworks(Networks):
         if pairs.ndim != 4 or pairs.shape[1] != 6:
             raise ValueError(f"expected (B, 6, Sf, Sf) [current, key] pairs, got {pairs.shape}")
         config = self.flow_config
-        batch, (height, width), grid = pairs.shape[0], pairs.shape[-2:], config.warp_size
+        batch, grid = pairs.shape[0], config.warp_size
         flow = np.empty((batch, 2, grid, grid), np.float32)
         for b in range(batch):
             current, key = _grey(pairs[b, :3]), _grey(pairs[b, 3:])
             with self._lock:
-                # (H, W, 2): current -> key, x first. Pass no flow array: DIS takes one of the
-                # right shape as its initial flow (uninitialised memory there segfaults it).
-                field = self._dis.calc(current, key, None)  # type: ignore[call-overload]
-            flow[b] = self._to_grid(np.asarray(field), grid, width, height)
+                flow[b] = dis_flow(self._dis, current, key, grid)
         scale = np.ones((batch, config.scale_channels, grid, grid), np.float32)
         if self.conv6:
             conv6 = self.inner.flow(pairs).conv6
@@ -95,18 +114,6 @@ class DisFlowNetworks(Networks):
             side = config.conv6_size
             conv6 = np.zeros((batch, config.conv6_channels, side, side), np.float32)
         return FlowResult(flow, scale, conv6)
-
-    @staticmethod
-    def _to_grid(field: np.ndarray, grid: int, width: int, height: int) -> np.ndarray:
-        """(H, W, 2) flow in input pixels -> (2, grid, grid) in warp-grid pixels."""
-        if (height, width) != (grid, grid):
-            shrink = grid < width and grid < height
-            interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-            field = cv2.resize(field, (grid, grid), interpolation=interpolation)
-        out = field.transpose(2, 0, 1).astype(np.float32)
-        out[0] *= grid / width
-        out[1] *= grid / height
-        return out
 
 
 def with_flow(networks: Networks, flow: str, *, conv6: bool) -> Networks:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from facestream.engines.dis_flow import create_dis
+from facestream.engines.dis_flow import dis_flow as engine_dis_flow
 from facestream.engines.face import crop_square
 from facestream.engines.weights import FILES, save_network
 from facestream.models import DeepLabV3Plus, FlowNet2S, warp
@@ -94,18 +96,16 @@ class PairSet:
         return PairSet(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
 
 
-_DIS: list[Any] = []
+_DIS: list[cv2.DISOpticalFlow] = []
 
 
 def dis_flow(current: np.ndarray, key: np.ndarray, size: int) -> np.ndarray:
-    """DIS (medium) flow from ``current`` to ``key`` (RGB crops), as (2, size, size) grid pixels."""
+    """DIS (medium) flow from ``current`` to ``key`` (RGB crops), as (2, size, size) grid pixels:
+    the engine's ``--flow dis`` computation, run on the crops F's targets are made from."""
     if not _DIS:
-        _DIS.append(cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM))  # type: ignore[attr-defined]
+        _DIS.append(create_dis())
     grey = [cv2.cvtColor(im, cv2.COLOR_RGB2GRAY) for im in (current, key)]
-    flow = _DIS[0].calc(grey[0], grey[1], None)
-    factor = size / current.shape[0]
-    flow = cv2.resize(flow, (size, size), interpolation=cv2.INTER_AREA) * factor
-    return flow.transpose(2, 0, 1)
+    return engine_dis_flow(_DIS[0], grey[0], grey[1], size)
 
 
 def make_pairs(
