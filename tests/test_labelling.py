@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,22 @@ def test_an_interrupted_run_of_another_teacher_is_not_resumed(video: Path, tmp_p
     teacher = FakeTeacher(version=2)
     label_video(video, tmp_path / "clip", teacher, progress=False)
     assert teacher.seen == list(range(COUNT))
+
+
+def test_two_labellers_of_one_folder_label_it_once(video: Path, tmp_path: Path) -> None:
+    """Two processes (here: threads) asked for the same labels: the second waits for the first's
+    lock, then finds the folder complete, instead of both writing the same files."""
+    teachers = [FakeTeacher(), FakeTeacher()]
+    threads = [
+        threading.Thread(target=label_video, args=(video, tmp_path / "clip", t), kwargs={"progress": False})
+        for t in teachers
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(len(t.seen) for t in teachers) == [0, COUNT]
+    assert LabelledVideo(tmp_path / "clip").complete
 
 
 # ----------------------------------------------------------------------------- odds and ends

@@ -214,6 +214,26 @@ def test_rollouts_respect_the_key_budget() -> None:
     assert (returns >= 0).all()
 
 
+@pytest.mark.parametrize("bias", [(-3.0, 3.0), (3.0, -3.0)])
+def test_frame_reward_pays_every_frame_its_miou(bias: tuple[float, float]) -> None:
+    """reward="frame": a key earns the frame's own mIoU, a non-key the warped mIoU at its gap."""
+    tables = _tables()
+    config = PolicyTrainConfig(
+        eta=0.9, trials=4, batch_episodes=2, episode_len=50, reward="frame", reward_scale=1
+    )
+    policy = KeyPolicy(policy_config_for(tables, config.window))
+    with torch.no_grad():
+        policy.fc3.bias[:] = torch.tensor(bias)
+        policy.fc3.weight.zero_()
+    trainer = PolicyTrainer(config, tables, policy)
+    roll, returns, _ = trainer.rollout([trainer.sample_episode() for _ in range(2)])
+    u = [t.frame_miou() for t in tables]
+    for (table, frame, gap), action, reward in zip(roll.pair, roll.action, roll.reward, strict=True):
+        assert reward == pytest.approx(u[table][frame, 0 if action else gap])
+    assert np.bincount(roll.trial, weights=roll.reward) == pytest.approx(returns)
+    assert np.mean(roll.action) > 0.9 if bias[1] > 0 else np.mean(roll.action) < 0.1
+
+
 def test_reinforce_learns_to_key_moving_frames(tmp_path: Path) -> None:
     tables = _tables()
     config = PolicyTrainConfig(

@@ -15,9 +15,11 @@ unless the teacher or the video changed.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +179,29 @@ def write_labels(
     """
     video, out = Path(video), Path(out)
     identity = {**video_identity(video), "teacher": source, "max_frames": max_frames}
+    with _exclusive(out):  # a second labeller of the same folder waits, then finds it done
+        return _write_labels(video, out, identity, annotate, max_frames, progress)
+
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / ".lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_labels(
+    video: Path,
+    out: Path,
+    identity: dict[str, Any],
+    annotate: Annotator,
+    max_frames: int | None,
+    progress: bool,
+) -> LabelledVideo:
     records = _resume(out, identity)
     if records is None:
         return LabelledVideo(out)

@@ -219,7 +219,12 @@ def _policy(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], i
     p.add_argument("--episode-len", type=int, default=d.episode_len)
     p.add_argument("--entropy", type=float, default=d.entropy, help="entropy weight lambda1")
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--reward", choices=REWARDS, default=d.reward, help="eq1: labels; eq2: no labels")
+    p.add_argument(
+        "--reward",
+        choices=REWARDS,
+        default=d.reward,
+        help="eq1: labels (paper); eq2: no labels (paper); frame: every frame earns its mIoU (labels)",
+    )
     p.add_argument(
         "--reward-scale", type=float, default=d.reward_scale, help="reward units per mIoU (default: points)"
     )

@@ -13,7 +13,9 @@ Policy training follows the paper:
   same inputs);
 * reward (Eq. 1): 0 for non-key, U(key) - U(warp) for key, U = per-frame mIoU against the teacher
   labels; Eq. 2 (``reward="eq2"``, no labels): 1 - pixel agreement of the warped mask with the key
-  mask;
+  mask; ``reward="frame"`` (not in the paper): every frame earns its own mIoU, key or warped, so
+  with gamma = 1 a key is credited with what it does for the frames after it (Eq. 1 credits only
+  the key frame itself, which rewards waiting until the warp has degraded);
 * "stop immediately": when the keys taken in the last 90 decisions exceed eta x 90 the episode
   ends at once, so one model per eta learns a different key frequency;
 * REINFORCE with K trials per episode (the trials' mean return-to-go is the baseline), mini-batch
@@ -49,7 +51,7 @@ from facestream.training.runs import (
     seed_everything,
 )
 
-REWARDS = ("eq1", "eq2")
+REWARDS = ("eq1", "eq2", "frame")
 ETAS = (0.04, 0.06, 0.14)
 
 
@@ -84,22 +86,36 @@ class _Table:
 
     conv6: torch.Tensor  # (T, G+1, C, s, s) float16
     valid: np.ndarray  # (T, G+1)
-    gain: np.ndarray  # (T, G+1) reward of a key at frame i with the last key g back
+    key_reward: np.ndarray  # (T, G+1) reward of a key at frame i with the last key g back
+    skip_reward: np.ndarray  # (T, G+1) reward of a non-key at frame i with the last key g back
     runs: list[tuple[int, int]]
 
 
 def _prepare(tables: Sequence[PairTable], reward: str, scale: float = 1.0) -> list[_Table]:
     prepared = []
     for t in tables:
+        skip = np.zeros(t.valid.shape)
         if reward == "eq1":
             u = t.frame_miou()
             gain = np.where(t.valid, u[:, :1] - u, 0.0)
-        else:
+        elif reward == "eq2":
             gain = np.where(t.valid, 1.0 - t.agreement, 0.0)
+        else:  # "frame": every frame earns its own mIoU, whichever mask it gets
+            u = np.where(t.valid, t.frame_miou(), 0.0)
+            gain = np.repeat(u[:, :1], u.shape[1], axis=1)
+            skip = u.copy()
+            skip[:, 0] = 0.0
         gain[:, 0] = 0.0
-        gain *= scale
         runs = [(a, b) for a, b in t.episodes() if b - a >= 2]
-        prepared.append(_Table(torch.from_numpy(t.conv6), t.valid, gain.astype(np.float64), runs))
+        prepared.append(
+            _Table(
+                torch.from_numpy(t.conv6),
+                t.valid,
+                (gain * scale).astype(np.float64),
+                (skip * scale).astype(np.float64),
+                runs,
+            )
+        )
     if not any(p.runs for p in prepared):
         raise ValueError("no episodes of two or more scored frames in these pair tables")
     return prepared
@@ -184,7 +200,8 @@ class PolicyTrainer:
                 action = self.rng.random(len(decide)) < guarded
                 keys[decide] = action
                 for m, j in enumerate(decide):
-                    gain = self.tables[table_of[j]].gain[frame[j], gap[j]] if action[m] else 0.0
+                    table = self.tables[table_of[j]]
+                    gain = (table.key_reward if action[m] else table.skip_reward)[frame[j], gap[j]]
                     returns[j] += gain
                     out.episode.append(int(ep_of[j]))
                     out.trial.append(int(j))
