@@ -9,7 +9,7 @@ MEDIAPIPE_VENV ?= .venv-mediapipe
 RUNS ?= runs
 ETAS ?= 0.04 0.06 0.14
 
-.PHONY: install run test test-all bench lint format clean teacher-mediapipe train-all evaluate-shipped
+.PHONY: install run segment test test-integration test-all bench bench-service lint format clean teacher-mediapipe train-all evaluate-shipped
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,17 +19,26 @@ install: $(BIN)/python  ## create .venv and install facestream with the dev tool
 	$(BIN)/pip install -e '.[dev,train]'
 	$(BIN)/facestream --version
 
-run: ## segment a real clip with the default weights (FACESTREAM_WEIGHTS or --weights)
+run: ## start the service on http://$(HOST):$(PORT)/ (browser page, /ws, /streams, /metrics, /docs)
+	$(BIN)/facestream serve --host $(HOST) --port $(PORT)
+
+segment: ## segment a real clip with the default weights into out/ (overlay video, masks, report)
 	$(BIN)/facestream segment $(CLIP) --out out/overlay.mp4 --masks out/masks --report out/report.json
 
 test: ## the fast default suite (CPU, tiny models, real clips from ../shared/data)
 	$(BIN)/python -m pytest -m "not slow and not integration and not gpu and not tensorrt" -q
+
+test-integration: ## real peers: service over TCP, Prometheus, RTSP server, headless Chromium (.ci/install-peers first)
+	$(BIN)/python -m pytest -m "integration and not gpu and not tensorrt" -q
 
 test-all: ## every test this machine can run
 	$(BIN)/python -m pytest -q
 
 bench: ## per-stage cost and end-to-end FPS per scheduler -> bench/bench.json + bench/bench.png
 	$(BIN)/facestream bench --clip $(CLIP) --out bench --threads 2
+
+bench-service: ## the service under 1 and 4 streaming clients (300 frames, 30 FPS, 640x480) -> bench/service.json + .png
+	$(BIN)/facestream bench-service --clip $(CLIP) --out bench --threads 2
 
 teacher-mediapipe: $(MEDIAPIPE_VENV)/bin/python  ## MediaPipe Face Mesh labelling teacher in its own .venv-mediapipe (numpy<2)
 
