@@ -19,6 +19,7 @@ def create_networks(
     threads: int | None = None,
     flow: str = "flownet",
     conv6: bool = True,
+    dis_size: int | None = None,
 ) -> Networks:
     """The networks of ``weights`` on ``backend`` (``onnxruntime`` or ``torch``).
 
@@ -35,4 +36,4 @@ def create_networks(
         networks = TorchNetworks(weights, threads=threads)
     else:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    return with_flow(networks, flow, conv6=conv6)
+    return with_flow(networks, flow, conv6=conv6, dis_size=dis_size)

@@ -438,7 +438,7 @@ def _network_calls(
     """Calls of F, W, the policy and the DVSNet head on realistic inputs, by stage name."""
     size = networks.segmentation_config.input_size
     features = networks.features(to_chw(_square(key, size))[None])
-    small = networks.flow_config.input_size
+    small = networks.flow_input_size
     pair = np.concatenate((to_chw(_square(current, small)), to_chw(_square(key, small))))[None]
     flow = networks.flow(pair)
     expert = np.array([[1 / 30, 10 / 90]], dtype=np.float32)

@@ -61,7 +61,7 @@ class DisFlowNetworks(Networks):
     calls and is not thread-safe.
     """
 
-    def __init__(self, inner: Networks, *, conv6: bool = True) -> None:
+    def __init__(self, inner: Networks, *, conv6: bool = True, size: int | None = None) -> None:
         super().__init__(
             inner.segmentation_config,
             inner.flow_config,
@@ -70,7 +70,12 @@ class DisFlowNetworks(Networks):
         )
         self.inner = inner
         self.conv6 = conv6
-        self.backend = f"{inner.backend}+dis"
+        self.size = size or inner.flow_config.input_size
+        if self.size < 16:
+            raise ValueError(f"DIS flow input size must be at least 16 pixels, got {self.size}")
+        # the default size keeps the old name (caches of pair tables are keyed on it)
+        same = self.size == inner.flow_config.input_size
+        self.backend = f"{inner.backend}+dis" if same else f"{inner.backend}+dis{self.size}"
         self._dis = create_dis()
         self._lock = threading.Lock()
 
@@ -79,6 +84,10 @@ class DisFlowNetworks(Networks):
         if name == "inner":  # not set yet (during __init__): no recursion
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+    @property
+    def flow_input_size(self) -> int:
+        return self.size
 
     def features(self, images: np.ndarray) -> np.ndarray:
         return self.inner.features(images)
@@ -98,8 +107,10 @@ class DisFlowNetworks(Networks):
     def flow(self, pairs: np.ndarray) -> FlowResult:
         """DIS flow from each current frame to its key frame, on the warp grid; scale 1; Conv6
         from the wrapped F when ``conv6`` was asked for, else zeros."""
-        if pairs.ndim != 4 or pairs.shape[1] != 6:
-            raise ValueError(f"expected (B, 6, Sf, Sf) [current, key] pairs, got {pairs.shape}")
+        if pairs.ndim != 4 or pairs.shape[1] != 6 or pairs.shape[2:] != (self.size, self.size):
+            raise ValueError(
+                f"expected (B, 6, {self.size}, {self.size}) [current, key] pairs, got {pairs.shape}"
+            )
         config = self.flow_config
         batch, grid = pairs.shape[0], config.warp_size
         flow = np.empty((batch, 2, grid, grid), np.float32)
@@ -109,19 +120,30 @@ class DisFlowNetworks(Networks):
                 flow[b] = dis_flow(self._dis, current, key, grid)
         scale = np.ones((batch, config.scale_channels, grid, grid), np.float32)
         if self.conv6:
-            conv6 = self.inner.flow(pairs).conv6
+            conv6 = self.inner.flow(_resized(pairs, config.input_size)).conv6
         else:
             side = config.conv6_size
             conv6 = np.zeros((batch, config.conv6_channels, side, side), np.float32)
         return FlowResult(flow, scale, conv6)
 
 
-def with_flow(networks: Networks, flow: str, *, conv6: bool) -> Networks:
+def _resized(pairs: np.ndarray, size: int) -> np.ndarray:
+    """(B, 6, S, S) pairs area-resized to (B, 6, size, size) (F's input for its Conv6)."""
+    if pairs.shape[-1] == size:
+        return pairs
+    out = np.empty((*pairs.shape[:2], size, size), np.float32)
+    for b in range(pairs.shape[0]):
+        image = cv2.resize(pairs[b].transpose(1, 2, 0), (size, size), interpolation=cv2.INTER_AREA)
+        out[b] = image.transpose(2, 0, 1)
+    return out
+
+
+def with_flow(networks: Networks, flow: str, *, conv6: bool, dis_size: int | None = None) -> Networks:
     """``networks`` with flow method ``flow``: unchanged for ``flownet`` (F), wrapped in
     :class:`DisFlowNetworks` for ``dis``. ``conv6``: whether DIS must still run F for its Conv6
     features (the ``rl`` and ``dvsnet`` schedulers need them)."""
     if flow == "flownet":
         return networks
     if flow == "dis":
-        return DisFlowNetworks(networks, conv6=conv6)
+        return DisFlowNetworks(networks, conv6=conv6, size=dis_size)
     raise ValueError(f"unknown flow {flow!r}; choose one of {', '.join(FLOWS)}")

@@ -48,6 +48,11 @@ class Networks(ABC):
         self.has_policy = has_policy
         self.has_dvsnet = has_dvsnet
 
+    @property
+    def flow_input_size(self) -> int:
+        """Side of the frames :meth:`flow` takes (F's input size unless a wrapper says otherwise)."""
+        return self.flow_config.input_size
+
     @abstractmethod
     def features(self, images: np.ndarray) -> np.ndarray:
         """N_feat: (B, 3, S, S) RGB in [0, 1] -> (B, C, S/4, S/4)."""
@@ -63,7 +68,8 @@ class Networks(ABC):
 
     @abstractmethod
     def flow(self, pairs: np.ndarray) -> FlowResult:
-        """F: (B, 6, Sf, Sf) = [current, key] RGB in [0, 1] -> flow, scale, Conv6."""
+        """F: (B, 6, Sf, Sf) = [current, key] RGB in [0, 1], Sf = :attr:`flow_input_size`
+        -> flow, scale, Conv6."""
 
     @abstractmethod
     def warp(self, features: np.ndarray, flow: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -156,7 +156,7 @@ class StreamSegmenter:
         return self._nonkey(frame, flow(), cache, timer, decision.value)
 
     def _flow_image(self, crop: np.ndarray) -> np.ndarray:
-        return flow_image(crop, self.networks.flow_config.input_size)
+        return flow_image(crop, self.networks.flow_input_size)
 
     def _flow(self, crop: np.ndarray, cache: _KeyCache) -> FlowResult:
         pair = np.concatenate((self._flow_image(crop), cache.flow_image))[None]

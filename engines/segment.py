@@ -162,7 +162,7 @@ def _report(options, weights, networks, scheduler, source, stats, counts, wall) 
             "split": networks.segmentation_config.split,
         },
         "flow": options.flow,
-        "flow_input_size": networks.flow_config.input_size,
+        "flow_input_size": networks.flow_input_size,
         "weights": {"dir": str(weights.directory), "sha256": weights.hashes()},
         "stages_ms": summary,
         "outputs": {

@@ -159,6 +159,30 @@ def test_conv6_comes_from_f_only_when_asked(inner: Networks) -> None:
     assert not np.allclose(with_f.flow, expected.flow)
 
 
+def test_dis_on_larger_crops_keeps_grid_units_and_f_conv6(inner: Networks) -> None:
+    """``size``: DIS sees the frames at that side (e.g. N's crop instead of F's half-size input);
+    the flow stays in warp-grid pixels, and F still gets its own input size for Conv6."""
+    small = _pair(inner)
+    big_side = 2 * inner.flow_config.input_size
+    big = np.stack([cv2.resize(small[0].transpose(1, 2, 0), (big_side, big_side)).transpose(2, 0, 1)])
+    wide = DisFlowNetworks(inner, conv6=True, size=big_side)
+    assert wide.flow_input_size == big_side and wide.backend.endswith(f"+dis{big_side}")
+    assert DisFlowNetworks(inner, conv6=True).backend.endswith("+dis")
+    with one_torch_thread():
+        at_big = wide.flow(big)
+        at_small = DisFlowNetworks(inner, conv6=True).flow(small)
+    interior = (slice(None), slice(None), slice(4, -4), slice(4, -4))
+    assert at_big.flow.shape == at_small.flow.shape
+    for axis in (0, 1):  # the same motion in grid pixels at either input size
+        assert np.median(at_big.flow[interior][:, axis]) == pytest.approx(
+            np.median(at_small.flow[interior][:, axis]), abs=0.15
+        )
+    # F saw the big pair area-resized back to its input: nearly the small pair, so nearly its Conv6
+    assert np.corrcoef(at_big.conv6.ravel(), at_small.conv6.ravel())[0, 1] > 0.95
+    with pytest.raises(ValueError, match=str(big_side)):
+        wide.flow(small)
+
+
 def test_everything_but_flow_is_the_wrapped_networks(inner: Networks) -> None:
     dis = DisFlowNetworks(inner, conv6=False)
     assert dis.backend == "torch+dis" and dis.inner is inner

@@ -13,7 +13,7 @@ from helpers import FakeClip, clip_frames, one_torch_thread
 
 from facestream.engines.weights import find_weights, load_network, read_metadata, write_random_weights
 from facestream.models import DeepLabV3Plus, DVSNetHead, FlowNet2S, KeyPolicy
-from facestream.models.config import SegmentationConfig
+from facestream.models.config import PolicyConfig, SegmentationConfig
 from facestream.training.evaluation import PAIR_NETWORKS, PairTable
 from facestream.training.runs import RunError, cosine_lr, open_run, read_log
 from facestream.training.ship import ship_weights
@@ -23,6 +23,7 @@ from facestream.training.train_policy import (
     PolicyTrainConfig,
     PolicyTrainer,
     policy_config_for,
+    rmsprop,
     train_dvsnet,
     train_policy,
 )
@@ -234,6 +235,21 @@ def test_frame_reward_pays_every_frame_its_miou(bias: tuple[float, float]) -> No
     assert np.mean(roll.action) > 0.9 if bias[1] > 0 else np.mean(roll.action) < 0.1
 
 
+def test_rmsprop_starts_like_tensorflow() -> None:
+    """The accumulator starts at 1 (TensorFlow's RMSProp): the first step is ~lr x gradient, not
+    torch's 10 x lr on every weight (which saturates a fresh policy in one update)."""
+    steps = {}
+    for init in (1.0, 0.0):
+        torch.manual_seed(0)
+        policy = KeyPolicy(PolicyConfig(in_channels=8, conv6_size=2))
+        optimizer = rmsprop(policy, PolicyTrainConfig(rmsprop_init=init))
+        before = policy.fc0.weight.detach().clone()
+        policy(torch.randn(4, 8, 2, 2), torch.zeros(4, 2)).sum().backward()
+        optimizer.step()
+        steps[init] = float((policy.fc0.weight.detach() - before).abs().max())
+    assert steps[1.0] < 1e-4 < 3e-3 < steps[0.0]
+
+
 def test_reinforce_learns_to_key_moving_frames(tmp_path: Path) -> None:
     tables = _tables()
     config = PolicyTrainConfig(
@@ -244,6 +260,7 @@ def test_reinforce_learns_to_key_moving_frames(tmp_path: Path) -> None:
         episode_len=60,
         window=30,
         lr=3e-4,
+        rmsprop_init=0.0,  # torch's RMSProp: big first steps, which this tiny problem learns from fast
         entropy=0.01,
         checkpoint_every=10,
     )

@@ -166,6 +166,7 @@ class EvaluateCommand:
             default=DEFAULT_FLOW,
             help="warp flow: learned F (flownet) or OpenCV DIS (dis; F still gives rl/dvsnet Conv6)",
         )
+        parser.add_argument("--dis-size", type=int, help="side of the crops DIS sees (default: F's input)")
         parser.add_argument(
             "--teacher",
             choices=TEACHERS,
@@ -200,7 +201,12 @@ class EvaluateCommand:
             )
             conv6 = any(SCHEDULERS[name].needs_conv6 for name in schedulers)
             networks = create_networks(
-                weights, args.backend, threads=args.threads, flow=args.flow, conv6=conv6
+                weights,
+                args.backend,
+                threads=args.threads,
+                flow=args.flow,
+                conv6=conv6,
+                dis_size=args.dis_size,
             )
             options = SweepOptions(
                 schedulers=schedulers,

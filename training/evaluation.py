@@ -174,7 +174,7 @@ class PairBuilder:
         self.networks, self.config = networks, config
         seg = networks.segmentation_config
         self.size = seg.input_size
-        self.flow_size = networks.flow_config.input_size
+        self.flow_size = networks.flow_input_size
         self.eval_size = config.eval_size or seg.input_size
         self.stride = seg.input_size / seg.feature_size
 

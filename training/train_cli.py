@@ -228,6 +228,11 @@ def _policy(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], i
     p.add_argument(
         "--reward-scale", type=float, default=d.reward_scale, help="reward units per mIoU (default: points)"
     )
+    p.add_argument(
+        "--advantage-norm",
+        action="store_true",
+        help="divide each update's advantages by their std, so that the entropy bonus keeps its weight",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
 
     def run(args: argparse.Namespace) -> int:
@@ -243,6 +248,7 @@ def _policy(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], i
             lr=args.lr,
             reward=args.reward,
             reward_scale=args.reward_scale,
+            advantage_norm=args.advantage_norm,
             seed=args.seed,
         )
         path = train_policy(

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from facestream.engines.weights import save_network
@@ -70,6 +71,13 @@ class PolicyTrainConfig:
     reward: str = "eq1"
     reward_scale: float = 100.0  # rewards in mIoU points (percent), the scale the paper reports
     grad_decisions: int = 4096  # decisions sampled (uniformly, rescaled) for each gradient step
+    advantage_norm: bool = False  # divide the advantages by their std (keeps lambda1 in proportion)
+    # RMSProp's mean-square accumulator starts at this value. TensorFlow's RMSProp (the paper's
+    # framework) starts it at 1.0, so early steps are about lr x gradient; torch starts it at 0,
+    # which makes the first step lr / sqrt(1 - alpha) = 10 x lr on every weight in the sign of its
+    # gradient -- enough to saturate the policy in one update. 0 gives torch's behaviour.
+    rmsprop_init: float = 1.0
+    rmsprop_alpha: float = 0.9  # TensorFlow's default decay (torch's default is 0.99)
     seed: int = 0
     checkpoint_every: int = 10  # updates
 
@@ -246,6 +254,8 @@ class PolicyTrainer:
         _, inverse = np.unique(key, return_inverse=True)
         baseline = np.bincount(inverse, weights=togo) / np.bincount(inverse)
         advantage_all = togo - baseline[inverse]
+        if c.advantage_norm:
+            advantage_all = advantage_all / (advantage_all.std() + 1e-8)
         # An unbiased estimate of the summed policy gradient from a uniform sample of the decisions
         # (the trunk's backward pass over every decision of 256 trajectories is the slow part).
         count = len(roll.action)
@@ -282,6 +292,18 @@ class PolicyTrainer:
         }
 
 
+def rmsprop(policy: nn.Module, config: PolicyTrainConfig) -> torch.optim.RMSprop:
+    """RMSProp with its accumulator started at ``config.rmsprop_init`` (see the config)."""
+    optimizer = torch.optim.RMSprop(policy.parameters(), lr=config.lr, alpha=config.rmsprop_alpha)
+    if config.rmsprop_init:
+        for p in policy.parameters():
+            optimizer.state[p] = {
+                "step": torch.zeros(()),
+                "square_avg": torch.full_like(p, config.rmsprop_init),
+            }
+    return optimizer
+
+
 def policy_config_for(tables: Sequence[PairTable], window: int = 90) -> PolicyConfig:
     shape = tables[0].conv6.shape
     return PolicyConfig(in_channels=shape[2], conv6_size=shape[3], window=window)
@@ -300,7 +322,7 @@ def train_policy(
     open_run(out, config, fresh=fresh)
     seed_everything(config.seed)
     policy = KeyPolicy(policy_config_for(tables, config.window))
-    optimizer = torch.optim.RMSprop(policy.parameters(), lr=config.lr)
+    optimizer = rmsprop(policy, config)
     trainer = PolicyTrainer(config, tables, policy)
     update, extra, elapsed = resume(out, {"policy": policy, "optimizer": optimizer})
     if "rng" in extra:
