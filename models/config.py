@@ -123,6 +123,10 @@ class PolicyConfig:
     conv0_channels: int = 96
     fc_sizes: tuple[int, int, int] = (1024, 1024, 128)
     window: int = 90
+    # Standardise D per channel ((x - mean) * scale, buffers set from the training data) before
+    # Conv0. F's Conv6 activations are small (std ~0.02 on faces), which leaves a fresh trunk
+    # blind to them: the policy then learns from its biases and the expert inputs alone.
+    normalize_input: bool = False
 
     def __post_init__(self) -> None:
         _check(len(self.fc_sizes) == 3, f"fc_sizes needs 3 sizes, got {self.fc_sizes}")

@@ -25,6 +25,17 @@ class KeyPolicy(nn.Module):
         self.fc1 = nn.Linear(fc0, fc1)
         self.fc2 = nn.Linear(fc1, fc2)
         self.fc3 = nn.Linear(fc2 + 2, 2)
+        if config.normalize_input:
+            self.register_buffer("conv6_mean", torch.zeros(config.in_channels))
+            self.register_buffer("conv6_scale", torch.ones(config.in_channels))
+
+    def set_input_statistics(self, conv6: torch.Tensor) -> None:
+        """Per-channel mean and 1/std of Conv6 features (N, C, s, s) for the input standardisation."""
+        if not self.config.normalize_input:
+            raise ValueError("this policy was built without normalize_input")
+        values = conv6.float().transpose(0, 1).reshape(conv6.shape[1], -1)
+        self.conv6_mean.copy_(values.mean(dim=1))
+        self.conv6_scale.copy_(1.0 / values.std(dim=1).clamp_min(1e-6))
 
     def forward(self, conv6: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """Logits (B, 2) from Conv6 features (B, C, s, s) and expert info (B, 2) = [KAR, LKD/window]."""
@@ -39,6 +50,8 @@ class KeyPolicy(nn.Module):
         expected = (cfg.in_channels, cfg.conv6_size, cfg.conv6_size)
         if tuple(conv6.shape[1:]) != expected:
             raise ValueError(f"KeyPolicy expects Conv6 features (B,{expected}), got {tuple(conv6.shape)}")
+        if cfg.normalize_input:
+            conv6 = (conv6 - self.conv6_mean[:, None, None]) * self.conv6_scale[:, None, None]
         x = torch.relu(self.conv0(conv6)).flatten(1)
         x = torch.relu(self.fc0(x))
         x = torch.relu(self.fc1(x))

@@ -11,7 +11,13 @@ import pytest
 import torch
 from helpers import FakeClip, clip_frames, one_torch_thread
 
-from facestream.engines.weights import find_weights, load_network, read_metadata, write_random_weights
+from facestream.engines.weights import (
+    find_weights,
+    load_network,
+    read_metadata,
+    save_network,
+    write_random_weights,
+)
 from facestream.models import DeepLabV3Plus, DVSNetHead, FlowNet2S, KeyPolicy
 from facestream.models.config import PolicyConfig, SegmentationConfig
 from facestream.training.evaluation import PAIR_NETWORKS, PairTable
@@ -248,6 +254,31 @@ def test_rmsprop_starts_like_tensorflow() -> None:
         optimizer.step()
         steps[init] = float((policy.fc0.weight.detach() - before).abs().max())
     assert steps[1.0] < 1e-4 < 3e-3 < steps[0.0]
+
+
+def test_policy_input_standardisation(tmp_path: Path) -> None:
+    """normalize_input: Conv6 is standardised per channel with statistics from the training data,
+    so the policy answers the same for features at any scale; the statistics ship with it."""
+    torch.manual_seed(0)
+    conv6 = 0.02 * torch.randn(500, 8, 2, 2) + 0.005
+    expert = torch.zeros(3, 2)
+    policy = KeyPolicy(PolicyConfig(in_channels=8, conv6_size=2, normalize_input=True))
+    policy.set_input_statistics(conv6)
+    scaled = KeyPolicy(PolicyConfig(in_channels=8, conv6_size=2, normalize_input=True))
+    scaled.load_state_dict(policy.state_dict())
+    scaled.set_input_statistics(conv6 * 50)
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            policy.key_probability(conv6[:3], expert),
+            scaled.key_probability(conv6[:3] * 50, expert),
+            atol=1e-5,
+        )
+    path = save_network(policy, tmp_path / "policy.safetensors", {"trained": False})
+    loaded = load_network(path)
+    assert isinstance(loaded, KeyPolicy) and loaded.config.normalize_input
+    torch.testing.assert_close(loaded.conv6_scale.float(), policy.conv6_scale, rtol=1e-3, atol=0)
+    with pytest.raises(ValueError, match="normalize_input"):
+        KeyPolicy(PolicyConfig(in_channels=8, conv6_size=2)).set_input_statistics(conv6)
 
 
 def test_reinforce_learns_to_key_moving_frames(tmp_path: Path) -> None:

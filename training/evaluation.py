@@ -501,10 +501,11 @@ class StageCosts:
 
 def measure_costs(networks: Networks, repeats: int = 15) -> StageCosts:
     """Median latency of each stage on random inputs of the right shapes."""
-    seg, flow_cfg = networks.segmentation_config, networks.flow_config
+    seg = networks.segmentation_config
     rng = np.random.default_rng(0)
     image = rng.random((1, 3, seg.input_size, seg.input_size), dtype=np.float32)
-    pair = rng.random((1, 6, flow_cfg.input_size, flow_cfg.input_size), dtype=np.float32)
+    side = networks.flow_input_size
+    pair = rng.random((1, 6, side, side), dtype=np.float32)
     features = networks.features(image)
     flow = networks.flow(pair)
     expert = np.array([[0.1, 0.5]], dtype=np.float32)

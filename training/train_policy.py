@@ -78,6 +78,7 @@ class PolicyTrainConfig:
     # gradient -- enough to saturate the policy in one update. 0 gives torch's behaviour.
     rmsprop_init: float = 1.0
     rmsprop_alpha: float = 0.9  # TensorFlow's default decay (torch's default is 0.99)
+    normalize_input: bool = True  # standardise Conv6 per channel (PolicyConfig.normalize_input)
     seed: int = 0
     checkpoint_every: int = 10  # updates
 
@@ -304,9 +305,25 @@ def rmsprop(policy: nn.Module, config: PolicyTrainConfig) -> torch.optim.RMSprop
     return optimizer
 
 
-def policy_config_for(tables: Sequence[PairTable], window: int = 90) -> PolicyConfig:
+def policy_config_for(
+    tables: Sequence[PairTable], window: int = 90, normalize_input: bool = False
+) -> PolicyConfig:
     shape = tables[0].conv6.shape
-    return PolicyConfig(in_channels=shape[2], conv6_size=shape[3], window=window)
+    return PolicyConfig(
+        in_channels=shape[2], conv6_size=shape[3], window=window, normalize_input=normalize_input
+    )
+
+
+def conv6_sample(tables: Sequence[PairTable], count: int = 20000, seed: int = 0) -> torch.Tensor:
+    """Up to ``count`` Conv6 features (N, C, s, s) of valid pairs (gap >= 1), drawn uniformly."""
+    rng = np.random.default_rng(seed)
+    where = [
+        (n, f, g) for n, t in enumerate(tables) for f, g in zip(*np.nonzero(t.valid[:, 1:]), strict=True)
+    ]
+    picks = rng.choice(len(where), size=min(count, len(where)), replace=False)
+    return torch.from_numpy(
+        np.stack([tables[where[i][0]].conv6[where[i][1], where[i][2] + 1] for i in picks])
+    )
 
 
 def train_policy(
@@ -321,7 +338,9 @@ def train_policy(
     """REINFORCE over the pair tables; writes ``out/policy.safetensors`` and the Fig. 3 plot."""
     open_run(out, config, fresh=fresh)
     seed_everything(config.seed)
-    policy = KeyPolicy(policy_config_for(tables, config.window))
+    policy = KeyPolicy(policy_config_for(tables, config.window, config.normalize_input))
+    if config.normalize_input:
+        policy.set_input_statistics(conv6_sample(tables))
     optimizer = rmsprop(policy, config)
     trainer = PolicyTrainer(config, tables, policy)
     update, extra, elapsed = resume(out, {"policy": policy, "optimizer": optimizer})
