@@ -66,7 +66,7 @@ evaluate-shipped: ## the set-C evaluation of the shipped weights -> docs/evaluat
 lint:
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy engines models training facestream
+	$(BIN)/mypy engines models training facestream service
 
 format:
 	$(BIN)/ruff check --fix .

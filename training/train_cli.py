@@ -226,12 +226,23 @@ def _policy(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], i
         help="eq1: labels (paper); eq2: no labels (paper); frame: every frame earns its mIoU (labels)",
     )
     p.add_argument(
-        "--reward-scale", type=float, default=d.reward_scale, help="reward units per mIoU (default: points)"
+        "--reward-scale",
+        type=float,
+        default=d.reward_scale,
+        help=f"reward units per mIoU (default {d.reward_scale:g})",
     )
     p.add_argument(
         "--advantage-norm",
         action="store_true",
         help="divide each update's advantages by their std, so that the entropy bonus keeps its weight",
+    )
+    p.add_argument(
+        "--tf-rmsprop",
+        action="store_true",
+        help="RMSProp as TensorFlow's (accumulator starts at 1, decay 0.9) instead of torch's",
+    )
+    p.add_argument(
+        "--normalize-input", action="store_true", help="standardise Conv6 per channel inside the policy"
     )
     p.add_argument("--seed", type=int, default=d.seed)
 
@@ -249,6 +260,9 @@ def _policy(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], i
             reward=args.reward,
             reward_scale=args.reward_scale,
             advantage_norm=args.advantage_norm,
+            rmsprop_init=1.0 if args.tf_rmsprop else 0.0,
+            rmsprop_alpha=0.9 if args.tf_rmsprop else 0.99,
+            normalize_input=args.normalize_input,
             seed=args.seed,
         )
         path = train_policy(

@@ -69,16 +69,17 @@ class PolicyTrainConfig:
     gamma: float = 1.0
     window: int = 90
     reward: str = "eq1"
-    reward_scale: float = 100.0  # rewards in mIoU points (percent), the scale the paper reports
+    reward_scale: float = 10.0  # reward units per mIoU (chosen on set B among 1, 10, 100)
     grad_decisions: int = 4096  # decisions sampled (uniformly, rescaled) for each gradient step
     advantage_norm: bool = False  # divide the advantages by their std (keeps lambda1 in proportion)
     # RMSProp's mean-square accumulator starts at this value. TensorFlow's RMSProp (the paper's
     # framework) starts it at 1.0, so early steps are about lr x gradient; torch starts it at 0,
     # which makes the first step lr / sqrt(1 - alpha) = 10 x lr on every weight in the sign of its
-    # gradient -- enough to saturate the policy in one update. 0 gives torch's behaviour.
-    rmsprop_init: float = 1.0
-    rmsprop_alpha: float = 0.9  # TensorFlow's default decay (torch's default is 0.99)
-    normalize_input: bool = True  # standardise Conv6 per channel (PolicyConfig.normalize_input)
+    # gradient -- enough to saturate the policy in one update. 0 (the default, and how the
+    # shipped policies were trained) gives torch's behaviour; 1.0 and alpha 0.9 TensorFlow's.
+    rmsprop_init: float = 0.0
+    rmsprop_alpha: float = 0.99  # torch's default decay (TensorFlow's is 0.9)
+    normalize_input: bool = False  # standardise Conv6 per channel (PolicyConfig.normalize_input)
     seed: int = 0
     checkpoint_every: int = 10  # updates
 
