@@ -77,7 +77,7 @@ class ServiceEngine:
         """Run every network once (first calls allocate and tune), timing it for ``/readyz``."""
         start = time.perf_counter()
         cfg = self.with_conv6.segmentation_config
-        size, fsize = cfg.input_size, self.with_conv6.flow_config.input_size
+        size, fsize = cfg.input_size, self.with_conv6.flow_input_size
         rng = np.random.default_rng(0)
         features = self.with_conv6.features(rng.random((1, 3, size, size), dtype=np.float32))
         self.with_conv6.task(features)
