@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from helpers import clip_frames, networks, random_weights
 from starlette.websockets import WebSocketDisconnect
 
+from facestream.cli import main
 from facestream.engines.dis_flow import DisFlowNetworks
 from facestream.engines.schedulers import make_scheduler
 from facestream.service.app import CLOSE_BAD_REQUEST, CLOSE_TRY_AGAIN, CLOSE_UNAUTHORIZED, create_app
@@ -451,3 +452,23 @@ def test_camera_requests_are_checked(make_client) -> None:
     stream = client.get("/streams").json()["streams"][0]
     assert "pw" not in json.dumps(stream) and stream["error"]
     assert 'facestream_camera_reconnects_total{stream="dead"}' in client.get("/metrics").text
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def test_serve_validate_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """--validate-config: the effective settings (file < env < arguments, token masked) and the
+    weights folder, or every problem and exit code 2."""
+    config = tmp_path / "serve.toml"
+    config.write_text('[facestream]\nport = 9123\nscheduler = "rl"\nknob = 0.3\ntoken = "abc"\n')
+    assert main(["serve", "--config", str(config), "--validate-config"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["port"] == 9123 and shown["knob"] == 0.3 and shown["token"] == "***"
+    assert shown["weights_found"]
+    monkeypatch.setenv("FACESTREAM_MAX_STREAMS", "0")
+    assert main(["serve", "--config", str(config), "--validate-config"]) == 2
+    assert "max_streams" in capsys.readouterr().err
+    monkeypatch.delenv("FACESTREAM_MAX_STREAMS")
+    assert main(["serve", "--weights", str(tmp_path / "nowhere"), "--validate-config"]) == 2
+    assert "nowhere" in capsys.readouterr().err

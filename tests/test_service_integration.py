@@ -21,6 +21,7 @@ import websockets.sync.client as ws_client
 from helpers import CLIP, clip_frames
 from rtsp_server import RtspTestServer, missing_peers
 
+from facestream.cli import main
 from facestream.service.bench import free_port, wait_ready
 from facestream.service.client import encode_frames
 
@@ -182,3 +183,17 @@ def test_rtsp_camera_survives_a_server_restart(server: str, videos_dir: Path) ->
         delete = urllib.request.Request(server + f"/streams/{stream['id']}", method="DELETE")
         with urllib.request.urlopen(delete, timeout=30) as response:
             assert json.loads(response.read())["state"] == "stopped"
+
+
+def test_facestream_client_reports_round_trips(server: str, videos_dir: Path, tmp_path: Path) -> None:
+    report = tmp_path / "client.json"
+    masks = tmp_path / "masks"
+    url = server.replace("http", "ws") + "/ws"
+    args = ["client", str(videos_dir / CLIP), "--url", url, "--frames", "15", "--fps", "10"]
+    assert main([*args, "--size", "320x240", "--report", str(report), "--masks", str(masks)]) == 0
+    summary = json.loads(report.read_text())["clients"][0]
+    assert summary["sent"] == 15 and summary["results"] + summary["dropped"] == 15
+    assert summary["results"] >= 10 and summary["rtt_ms"]["p50"] > 0
+    saved = sorted(masks.glob("*.png"))
+    assert len(saved) == summary["frames_with_face"] > 0
+    assert cv2.imread(str(saved[0]), cv2.IMREAD_UNCHANGED).shape == (240, 320)
