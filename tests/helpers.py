@@ -105,6 +105,14 @@ def networks(factory: pytest.TempPathFactory, backend: str = "onnxruntime", **we
     return _networks[key]
 
 
+def clip_path(videos_dir: Path, name: str = CLIP) -> Path:
+    """``videos_dir / name``; the test is skipped (naming the file) when the clip is missing."""
+    path = videos_dir / name
+    if not path.is_file():
+        pytest.skip(f"clip {path} is missing from the data folder")
+    return path
+
+
 def clip_frames(videos_dir: Path, name: str = CLIP, count: int = 10) -> list[np.ndarray]:
     """The first ``count`` frames of a real clip as (H, W, 3) uint8 RGB (memoised, read-only)."""
     key = (str(videos_dir), name)

@@ -20,6 +20,7 @@ from typing import Any
 import av
 import numpy as np
 import pytest
+from helpers import clip_path
 from rtsp_server import RtspTestServer, free_port, missing_peers
 
 from facestream.service import rtsp
@@ -109,10 +110,7 @@ def first_frame(path: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def clip(videos_dir: Path) -> Path:
-    path = videos_dir / CLIP
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    return path
+    return clip_path(videos_dir, CLIP)
 
 
 @pytest.fixture(scope="module")

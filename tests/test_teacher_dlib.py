@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from helpers import clip_path
 
 from facestream.cli import main
 from facestream.engines.video import open_source
@@ -28,10 +29,7 @@ FRAMES_USED = 5
 
 @pytest.fixture(scope="module")
 def clip(videos_dir: Path) -> Path:
-    path = videos_dir / CLIP
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    return path
+    return clip_path(videos_dir, CLIP)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import av
 import av.error
 import numpy as np
 import pytest
+from helpers import clip_path
 
 from facestream.engines import video
 from facestream.engines.video import (
@@ -38,10 +39,7 @@ CLIP_FRAMES = 216
 
 @pytest.fixture(scope="module")
 def clip(videos_dir: Path) -> Path:
-    path = videos_dir / CLIP
-    if not path.is_file():
-        pytest.skip(f"clip {path} is missing from the data folder")
-    return path
+    return clip_path(videos_dir, CLIP)
 
 
 def _colour_frames(count: int, height: int, width: int) -> list[np.ndarray]:
