@@ -9,7 +9,7 @@ needs it, and at most once per frame.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -86,6 +86,40 @@ def mask_confidence(scores: np.ndarray) -> float:
     return float(probs.max(axis=0)[face].mean()) if face.any() else 0.0
 
 
+@dataclass
+class KeyRequest:
+    """A key frame of one stream waiting for N_feat (see :meth:`StreamSegmenter.begin`)."""
+
+    segmenter: StreamSegmenter
+    frame: np.ndarray
+    crop: np.ndarray  # (S, S, 3) uint8, the face square N_feat sees
+    square: Box
+    index: int
+    timer: _Timer
+    value: float | None
+    start: float
+
+    @property
+    def image(self) -> np.ndarray:
+        """N_feat's input: (1, 3, S, S) float32 in [0, 1]."""
+        return to_chw(self.crop)[None]
+
+    def complete(self, features: np.ndarray, key_ms: float = 0.0) -> FrameResult:
+        """Finish the frame with its N_feat output (1, C, S/4, S/4)."""
+        return self.segmenter._complete_key(self, features, key_ms)
+
+
+def run_key_batch(requests: Sequence[KeyRequest], networks: Networks) -> list[FrameResult]:
+    """N_feat once for the key frames of several streams (one batch on ``networks``, whose
+    N_feat every request's segmenter shares); each frame's ``key`` time is the batch's."""
+    if not requests:
+        return []
+    start = time.perf_counter()
+    features = networks.features(np.concatenate([r.image for r in requests]))
+    key_ms = (time.perf_counter() - start) * 1e3
+    return [r.complete(features[i : i + 1], key_ms) for i, r in enumerate(requests)]
+
+
 class StreamSegmenter:
     """Per-stream state (key cache, face box, last 90 decisions) around shared networks."""
 
@@ -118,6 +152,15 @@ class StreamSegmenter:
 
     def step(self, frame: np.ndarray) -> FrameResult:
         """Segment one (H, W, 3) uint8 RGB frame."""
+        out = self.begin(frame)
+        if isinstance(out, KeyRequest):
+            return run_key_batch([out], self.networks)[0]
+        return out
+
+    def begin(self, frame: np.ndarray) -> FrameResult | KeyRequest:
+        """Everything of :meth:`step` up to N_feat: the result of a non-key frame, or the
+        :class:`KeyRequest` of a key frame, to be completed (alone or batched with other streams'
+        key frames by :func:`run_key_batch`) before this stream's next frame."""
         if not isinstance(frame, np.ndarray):
             raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {type(frame).__name__}")
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8 or 0 in frame.shape:
@@ -125,16 +168,17 @@ class StreamSegmenter:
         timer = _Timer()
         start = time.perf_counter()
         try:
-            result = self._step(np.ascontiguousarray(frame), timer)
+            out = self._step(np.ascontiguousarray(frame), timer, start)
         finally:
             self.index += 1
-        result.timings["total"] = (time.perf_counter() - start) * 1e3
-        return result
+        if isinstance(out, FrameResult):
+            out.timings["total"] = (time.perf_counter() - start) * 1e3
+        return out
 
-    def _step(self, frame: np.ndarray, timer: _Timer) -> FrameResult:
+    def _step(self, frame: np.ndarray, timer: _Timer, start: float) -> FrameResult | KeyRequest:
         index = self.index
         if self._cache is None:
-            return self._key(frame, timer, None)
+            return self._key(frame, timer, None, start)
         cache = self._cache
         flow_memo: list[FlowResult] = []
 
@@ -152,7 +196,7 @@ class StreamSegmenter:
             decision = self.scheduler.decide(ctx)
         timer.timings["policy"] -= timer.timings.get("flow", 0.0) + timer.timings.get("crop", 0.0)
         if decision.key:
-            return self._key(frame, timer, decision.value)
+            return self._key(frame, timer, decision.value, start)
         return self._nonkey(frame, flow(), cache, timer, decision.value)
 
     def _flow_image(self, crop: np.ndarray) -> np.ndarray:
@@ -162,18 +206,25 @@ class StreamSegmenter:
         pair = np.concatenate((self._flow_image(crop), cache.flow_image))[None]
         return self.networks.flow(pair)
 
-    def _key(self, frame: np.ndarray, timer: _Timer, value: float | None) -> FrameResult:
+    def _key(
+        self, frame: np.ndarray, timer: _Timer, value: float | None, start: float
+    ) -> FrameResult | KeyRequest:
         with timer.stage("detect"):
             square = self._locate(frame)
         if square is None:
             return self._no_face(timer, value)
         with timer.stage("crop"):
             crop = crop_square(frame, square, self.input_size)
-        with timer.stage("key"):
-            features = self.networks.features(to_chw(crop)[None])
-        self._cache = _KeyCache(square, features, self._flow_image(crop))
+        return KeyRequest(self, frame, crop, square, self.index, timer, value, start)
+
+    def _complete_key(self, request: KeyRequest, features: np.ndarray, key_ms: float) -> FrameResult:
+        request.timer.timings["key"] = request.timer.timings.get("key", 0.0) + key_ms
+        self._cache = _KeyCache(request.square, features, self._flow_image(request.crop))
         self.history.record(True)
-        return self._finish(frame, features, square, True, timer, value)
+        result = self._finish(request.frame, features, request.square, True, request.timer, request.value)
+        result.index = request.index
+        result.timings["total"] = (time.perf_counter() - request.start) * 1e3
+        return result
 
     def _nonkey(
         self,

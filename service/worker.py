@@ -4,7 +4,9 @@ Streams hand it frames through their latest-frame slot (:meth:`InferenceWorker.s
 a stream's frame waits, a newer one replaces it and the older is counted as dropped ("busy"), so
 a slow machine shows fewer frames, never a growing delay. The queue holds streams that have a
 frame waiting, each at most once, served in arrival order; the worker is the only thread that
-runs the networks. (Key frames of several streams could be batched here on a GPU.)
+runs the networks. Streams that are ready together (up to ``max_batch``) are served as one round:
+each runs up to its key network, and the key frames of the round go through N_feat as one batch
+(on a GPU one launch instead of several; on a CPU it changes little).
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
 
+from facestream.engines.pipeline import FrameResult, KeyRequest, run_key_batch
 from facestream.service.codec import encode_mask
 from facestream.service.metrics import ServiceMetrics
 from facestream.service.sessions import Job, Message, StreamSession
@@ -22,8 +28,12 @@ log = logging.getLogger(__name__)
 
 
 class InferenceWorker:
-    def __init__(self, metrics: ServiceMetrics) -> None:
+    def __init__(self, metrics: ServiceMetrics, max_batch: int = 8) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.metrics = metrics
+        self.max_batch = max_batch
+        self.key_batches: Counter[int] = Counter()  # batch size -> rounds
         self._ready: queue.Queue[StreamSession | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="facestream-worker", daemon=True)
         self.processed = 0
@@ -55,27 +65,67 @@ class InferenceWorker:
 
     def _run(self) -> None:
         while True:
-            session = self._ready.get()
-            if session is None:
+            first = self._ready.get()
+            if first is None:
                 return
+            round_ = [first]
+            while len(round_) < self.max_batch:
+                try:
+                    more = self._ready.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:  # stop after this round
+                    self._ready.put(None)
+                    break
+                round_.append(more)
+            self._serve(round_)
+
+    def _serve(self, sessions: list[StreamSession]) -> None:
+        """One round: each stream's waiting frame up to N_feat, the key frames batched, then the
+        results published. A failure of one stream's frame never touches the others."""
+        keys: dict[int, list[tuple[StreamSession, Job, KeyRequest]]] = {}
+        for session in sessions:
             with session.lock:
                 job, session.pending = session.pending, None
                 session.queued = False
             if job is None or session.closed:
                 continue
+            out = self._guarded(session, job, partial(self._begin, session, job))
+            if isinstance(out, KeyRequest):
+                owner = id(getattr(session.segmenter.networks, "inner", session.segmenter.networks))
+                keys.setdefault(owner, []).append((session, job, out))
+            elif out is not None:
+                self._guarded(session, job, partial(self._publish, session, job, out))
+        for group in keys.values():
+            self.key_batches[len(group)] += 1
+            requests = [request for _, _, request in group]
             try:
-                self._process(session, job)
-            except Exception as exc:  # one stream's failure never stops the worker
-                log.exception("stream %s frame %d failed", session.name, job.frame_id)
-                session.bad_frame(job.frame_id, "pipeline", f"segmentation failed: {exc}")
+                results = run_key_batch(requests, requests[0].segmenter.networks)
+            except Exception as exc:
+                log.exception("key network failed on a batch of %d", len(group))
+                for session, job, _ in group:
+                    session.bad_frame(job.frame_id, "pipeline", f"segmentation failed: {exc}")
+                continue
+            for (session, job, _), result in zip(group, results, strict=True):
+                self._guarded(session, job, partial(self._publish, session, job, result))
 
-    def _process(self, session: StreamSession, job: Job) -> None:
-        session.take_replacement()
+    def _guarded(self, session: StreamSession, job: Job, work: Callable[[], object]) -> object:
+        """``work()``; a bad frame (ValueError) or a failure is reported to this stream only."""
         try:
-            result = session.segmenter.step(job.rgb)
+            return work()
         except ValueError as exc:
             session.bad_frame(job.frame_id, "pipeline", str(exc))
-            return
+        except Exception as exc:  # one stream's failure never stops the worker
+            log.exception("stream %s frame %d failed", session.name, job.frame_id)
+            session.bad_frame(job.frame_id, "pipeline", f"segmentation failed: {exc}")
+        return None
+
+    @staticmethod
+    def _begin(session: StreamSession, job: Job) -> FrameResult | KeyRequest:
+        session.take_replacement()
+        return session.segmenter.begin(job.rgb)
+
+    def _publish(self, session: StreamSession, job: Job, result: FrameResult) -> None:
         height, width = job.rgb.shape[:2]
         mask = result.mask
         timings = dict(result.timings, decode=job.decode_ms)

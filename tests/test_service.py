@@ -15,11 +15,12 @@ import cv2
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import clip_frames, networks, random_weights
+from helpers import OTHER_CLIP, clip_frames, networks, random_weights
 from starlette.websockets import WebSocketDisconnect
 
 from facestream.cli import main
 from facestream.engines.dis_flow import DisFlowNetworks
+from facestream.engines.pipeline import KeyRequest, run_key_batch
 from facestream.engines.schedulers import make_scheduler
 from facestream.service.app import CLOSE_BAD_REQUEST, CLOSE_TRY_AGAIN, CLOSE_UNAUTHORIZED, create_app
 from facestream.service.codec import (
@@ -472,3 +473,44 @@ def test_serve_validate_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.delenv("FACESTREAM_MAX_STREAMS")
     assert main(["serve", "--weights", str(tmp_path / "nowhere"), "--validate-config"]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- key-frame batching
+
+
+def test_key_frames_of_several_streams_batch_to_the_same_result(
+    engine: ServiceEngine, videos_dir: Path
+) -> None:
+    clips = [clip_frames(videos_dir, count=3), clip_frames(videos_dir, OTHER_CLIP, count=3)]
+    alone = [engine.segmenter(make_scheduler("fixed", 2)) for _ in range(2)]
+    together = [engine.segmenter(make_scheduler("fixed", 2)) for _ in range(2)]
+    for i in range(3):
+        expected = [s.step(frames[i]) for s, frames in zip(alone, clips, strict=True)]
+        begun = [s.begin(frames[i]) for s, frames in zip(together, clips, strict=True)]
+        requests = [b for b in begun if isinstance(b, KeyRequest)]
+        assert len(requests) in (0, 2)  # both streams key on the same frames
+        batched = run_key_batch(requests, engine.with_conv6) if requests else begun
+        for want, got in zip(expected, batched, strict=True):
+            assert (want.index, want.key, want.face) == (got.index, got.key, got.face)
+            np.testing.assert_array_equal(want.mask, got.mask)
+            assert got.timings["total"] >= got.timings.get("key", 0.0)
+
+
+def test_worker_batches_key_frames_that_arrive_together(engine: ServiceEngine, videos_dir: Path) -> None:
+    metrics = ServiceMetrics()
+    worker = InferenceWorker(metrics, max_batch=4)
+    sessions = [
+        StreamSession("ws", f"s{i}", engine.segmenter(make_scheduler("always")), metrics) for i in range(3)
+    ]
+    rgb = clip_frames(videos_dir, count=1)[0]
+    for session in sessions:  # queued before the worker starts: one round of three key frames
+        worker.submit(session, Job(0, rgb, time.perf_counter()))
+    bad = StreamSession("ws", "bad", engine.segmenter(make_scheduler("always")), metrics)
+    worker.submit(bad, Job(0, np.zeros((0, 5, 3), np.uint8), time.perf_counter()))
+    worker.start()
+    try:
+        assert _wait(lambda: all(s.stats.frames == 1 for s in sessions) and bad.stats.bad == 1, 30)
+    finally:
+        worker.stop()
+    assert worker.key_batches == {3: 1}
+    assert all(s.stats.keys == 1 for s in sessions) and bad.stats.frames == 0
