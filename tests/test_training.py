@@ -19,7 +19,7 @@ from facestream.engines.weights import (
     write_random_weights,
 )
 from facestream.models import DeepLabV3Plus, DVSNetHead, FlowNet2S, KeyPolicy
-from facestream.models.config import PolicyConfig, SegmentationConfig
+from facestream.models.config import DVSNetConfig, PolicyConfig, SegmentationConfig
 from facestream.training.evaluation import PAIR_NETWORKS, PairTable
 from facestream.training.runs import RunError, cosine_lr, open_run, read_log
 from facestream.training.ship import ship_weights
@@ -28,6 +28,7 @@ from facestream.training.train_policy import (
     DVSNetTrainConfig,
     PolicyTrainConfig,
     PolicyTrainer,
+    init_trunk_from_dvsnet,
     policy_config_for,
     rmsprop,
     train_dvsnet,
@@ -279,6 +280,21 @@ def test_policy_input_standardisation(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded.conv6_scale.float(), policy.conv6_scale, rtol=1e-3, atol=0)
     with pytest.raises(ValueError, match="normalize_input"):
         KeyPolicy(PolicyConfig(in_channels=8, conv6_size=2)).set_input_statistics(conv6)
+
+
+def test_policy_trunk_from_a_dvsnet_head(tmp_path: Path) -> None:
+    head = DVSNetHead(DVSNetConfig(in_channels=8, conv6_size=2))
+    path = save_network(head, tmp_path / "dvsnet.safetensors", {"trained": False})
+    policy = KeyPolicy(PolicyConfig(in_channels=8, conv6_size=2))
+    init_trunk_from_dvsnet(policy, path, freeze=True)
+    torch.testing.assert_close(policy.fc0.weight, head.fc0.weight.half().float(), rtol=1e-3, atol=1e-3)
+    assert not policy.conv0.weight.requires_grad and policy.fc1.weight.requires_grad
+    trainable = {
+        id(p) for group in rmsprop(policy, PolicyTrainConfig()).param_groups for p in group["params"]
+    }
+    assert id(policy.fc0.weight) not in trainable and id(policy.fc3.weight) in trainable
+    with pytest.raises(ValueError, match="does not fit"):
+        init_trunk_from_dvsnet(KeyPolicy(PolicyConfig(in_channels=16, conv6_size=2)), path)
 
 
 def test_reinforce_learns_to_key_moving_frames(tmp_path: Path) -> None:

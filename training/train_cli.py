@@ -244,6 +244,10 @@ def _policy(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], i
     p.add_argument(
         "--normalize-input", action="store_true", help="standardise Conv6 per channel inside the policy"
     )
+    p.add_argument(
+        "--init-trunk", metavar="DVSNET", help="start Conv0/FC0 from a trained DVSNet head (.safetensors)"
+    )
+    p.add_argument("--freeze-trunk", action="store_true", help="keep the --init-trunk layers fixed")
     p.add_argument("--seed", type=int, default=d.seed)
 
     def run(args: argparse.Namespace) -> int:
@@ -263,6 +267,8 @@ def _policy(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], i
             rmsprop_init=1.0 if args.tf_rmsprop else 0.0,
             rmsprop_alpha=0.9 if args.tf_rmsprop else 0.99,
             normalize_input=args.normalize_input,
+            init_trunk=args.init_trunk,
+            freeze_trunk=args.freeze_trunk,
             seed=args.seed,
         )
         path = train_policy(

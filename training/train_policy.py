@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from facestream.engines.weights import save_network
+from facestream.engines.weights import load_network, save_network
 from facestream.models import DVSNetHead, KeyPolicy
 from facestream.models.config import DVSNetConfig, PolicyConfig
 from facestream.training.evaluation import PairTable
@@ -80,6 +80,10 @@ class PolicyTrainConfig:
     rmsprop_init: float = 0.0
     rmsprop_alpha: float = 0.99  # torch's default decay (TensorFlow's is 0.9)
     normalize_input: bool = False  # standardise Conv6 per channel (PolicyConfig.normalize_input)
+    # Start Conv0 and FC0 from a trained DVSNet head (same shapes), whose features already predict
+    # the warped frame's quality; ``freeze_trunk`` keeps them fixed (REINFORCE trains FC1-FC3).
+    init_trunk: str | None = None
+    freeze_trunk: bool = False
     seed: int = 0
     checkpoint_every: int = 10  # updates
 
@@ -295,15 +299,31 @@ class PolicyTrainer:
 
 
 def rmsprop(policy: nn.Module, config: PolicyTrainConfig) -> torch.optim.RMSprop:
-    """RMSProp with its accumulator started at ``config.rmsprop_init`` (see the config)."""
-    optimizer = torch.optim.RMSprop(policy.parameters(), lr=config.lr, alpha=config.rmsprop_alpha)
+    """RMSProp over the trainable parameters, its accumulator started at ``config.rmsprop_init``."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.RMSprop(params, lr=config.lr, alpha=config.rmsprop_alpha)
     if config.rmsprop_init:
-        for p in policy.parameters():
+        for p in params:
             optimizer.state[p] = {
                 "step": torch.zeros(()),
                 "square_avg": torch.full_like(p, config.rmsprop_init),
             }
     return optimizer
+
+
+def init_trunk_from_dvsnet(policy: KeyPolicy, path: str | Path, freeze: bool = False) -> None:
+    """Copy a trained DVSNet head's Conv and FC0 into the policy's Conv0 and FC0."""
+    head = load_network(Path(path))
+    if not isinstance(head, DVSNetHead):
+        raise ValueError(f"{path} is not a DVSNet head")
+    pairs = ((head.conv, policy.conv0), (head.fc0, policy.fc0))
+    for source, target in pairs:
+        if source.weight.shape != target.weight.shape:
+            raise ValueError(
+                f"{path}: {tuple(source.weight.shape)} does not fit the policy's {tuple(target.weight.shape)}"
+            )
+        target.load_state_dict({k: v.float() for k, v in source.state_dict().items()})
+        target.requires_grad_(not freeze)
 
 
 def policy_config_for(
@@ -342,6 +362,8 @@ def train_policy(
     policy = KeyPolicy(policy_config_for(tables, config.window, config.normalize_input))
     if config.normalize_input:
         policy.set_input_statistics(conv6_sample(tables))
+    if config.init_trunk:
+        init_trunk_from_dvsnet(policy, config.init_trunk, config.freeze_trunk)
     optimizer = rmsprop(policy, config)
     trainer = PolicyTrainer(config, tables, policy)
     update, extra, elapsed = resume(out, {"policy": policy, "optimizer": optimizer})
