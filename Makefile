@@ -9,7 +9,7 @@ MEDIAPIPE_VENV ?= .venv-mediapipe
 RUNS ?= runs
 ETAS ?= 0.04 0.06 0.14
 
-.PHONY: install run segment test test-integration test-all bench bench-service lint format clean teacher-mediapipe train-all evaluate-shipped
+.PHONY: install run segment test test-integration test-all bench bench-service lint format clean teacher-mediapipe train-all evaluate-shipped bench-gpu
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,8 +53,10 @@ train-all: teacher-mediapipe ## reproduce models/weights from scratch (about 2 h
 	$(BIN)/facestream train flow --segmentation $(RUNS)/segmentation/segmentation.safetensors --out $(RUNS)/flow --threads 2
 	$(BIN)/facestream train ship --runs $(RUNS) --out models/weights
 	$(BIN)/facestream train dvsnet --weights models/weights --out $(RUNS)/dvsnet --threads 2
+	$(BIN)/facestream train ship --runs $(RUNS) --out models/weights  # the policies start from this DVSNet head
 	for eta in $(ETAS); do \
-		$(BIN)/facestream train policy --weights models/weights --eta $$eta --out $(RUNS)/policy-eta$$eta --threads 2 || exit 1; \
+		$(BIN)/facestream train policy --weights models/weights --eta $$eta --init-trunk models/weights/dvsnet.safetensors \
+			--freeze-trunk --out $(RUNS)/policy-eta$$eta --threads 2 || exit 1; \
 	done
 	$(BIN)/facestream train ship --runs $(RUNS) --out models/weights --etas "$$(echo $(ETAS) | tr ' ' ,)"
 
@@ -74,3 +76,6 @@ format:
 
 clean:
 	rm -rf out bench .pytest_cache .mypy_cache
+
+bench-gpu: ## GPU per-stage FPS (TensorRT FP16, torch-cuda; 512², batch 1 and 8) -> bench/gpu/gpu.json + .png; exits 2 without a GPU
+	$(BIN)/python -m facestream.engines.bench_gpu --out bench/gpu

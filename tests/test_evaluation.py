@@ -29,6 +29,7 @@ from facestream.training.evaluation import (
     replay,
 )
 from facestream.training.oracle import Oracle
+from facestream.training.sweep import at_aki, best_front, comparison, comparison_table
 
 SIZE = 64
 
@@ -227,3 +228,23 @@ def test_evaluate_command_end_to_end(
     assert "| oracle |" in (out / "results.md").read_text()
     assert len(list((out / "cache").glob("*.npz"))) == 2
     assert main(args) == 0  # a rerun reads the cached labels and pair tables
+
+
+def test_comparison_interpolates_each_schedulers_best_curve() -> None:
+    rows = [
+        {"scheduler": "always", "aki": 1.0, "miou": 0.8},
+        {"scheduler": "fixed", "aki": 10.0, "miou": 0.7},
+        {"scheduler": "fixed", "aki": 30.0, "miou": 0.6},
+        {"scheduler": "rl", "aki": 20.0, "miou": 0.62},  # beaten by a longer-AKI rl setting
+        {"scheduler": "rl", "aki": 25.0, "miou": 0.68},
+        {"scheduler": "rl", "aki": 40.0, "miou": 0.64},
+        {"scheduler": "oracle", "aki": 10.0, "miou": 0.75},
+        {"scheduler": "oracle", "aki": 30.0, "miou": 0.72},
+    ]
+    assert best_front(rows, "rl") == [(25.0, 0.68), (40.0, 0.64)]
+    assert at_aki(rows, "fixed", 20.0) == pytest.approx(0.65)
+    assert at_aki(rows, "rl", 30.0) == pytest.approx(0.68 - 0.04 / 3)
+    assert at_aki(rows, "rl", 15.0) is None and at_aki(rows, "dvsnet", 20.0) is None
+    [c] = comparison(rows, [30.0])
+    assert c["per_frame"] == 0.8 and c["rl_share"] == pytest.approx((c["rl"] - 0.6) / (0.72 - 0.6))
+    assert "| 30 |" in comparison_table([c]) and "—" in comparison_table([c])
