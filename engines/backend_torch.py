@@ -1,7 +1,8 @@
-"""The PyTorch backend (reference implementation; CPU or CUDA)."""
+"""The PyTorch backend (reference implementation; CPU, or CUDA as backend ``torch-cuda``)."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -13,12 +14,20 @@ from facestream.models import warp
 
 
 class TorchNetworks(Networks):
+    """The networks in PyTorch on ``device``; on a CUDA device the backend is ``torch-cuda`` and
+    ``fp16=True`` runs them under FP16 autocast (outputs stay float32)."""
+
     backend = "torch"
 
-    def __init__(self, weights: WeightSet, *, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(
+        self, weights: WeightSet, *, device: str = "cpu", threads: int | None = None, fp16: bool = False
+    ) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            self.backend = "torch-cuda"
+        self.fp16 = fp16 and self.device.type == "cuda"
         self.segmentation_net = weights.load("segmentation").to(self.device)
         self.flow_net = weights.load("flow").to(self.device)
         self.policy_net: Any = weights.load("policy").to(self.device) if weights.has("policy") else None
@@ -37,29 +46,40 @@ class TorchNetworks(Networks):
     def _out(tensor: torch.Tensor) -> np.ndarray:
         return tensor.detach().float().cpu().numpy()
 
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.fp16:
+            return torch.autocast(self.device.type, dtype=torch.float16)
+        return contextlib.nullcontext()
+
     @torch.inference_mode()
     def features(self, images: np.ndarray) -> np.ndarray:
-        return self._out(self.segmentation_net.features(self._in(images)))
+        with self._autocast():
+            return self._out(self.segmentation_net.features(self._in(images)))
 
     @torch.inference_mode()
     def _task(self, features: np.ndarray) -> np.ndarray:
-        return self._out(self.segmentation_net.task(self._in(features)))
+        with self._autocast():
+            return self._out(self.segmentation_net.task(self._in(features)))
 
     @torch.inference_mode()
     def flow(self, pairs: np.ndarray) -> FlowResult:
-        out = self.flow_net(self._in(pairs))
-        return FlowResult(self._out(out.flow), self._out(out.scale), self._out(out.conv6))
+        with self._autocast():
+            out = self.flow_net(self._in(pairs))
+            return FlowResult(self._out(out.flow), self._out(out.scale), self._out(out.conv6))
 
     @torch.inference_mode()
     def warp(self, features: np.ndarray, flow: np.ndarray, scale: np.ndarray) -> np.ndarray:
-        return self._out(warp(self._in(features), self._in(flow), self._in(scale)))
+        with self._autocast():
+            return self._out(warp(self._in(features), self._in(flow), self._in(scale)))
 
     @torch.inference_mode()
     def key_probability(self, conv6: np.ndarray, expert: np.ndarray) -> np.ndarray:
         self._require("policy", self.policy_net is not None)
-        return self._out(self.policy_net.key_probability(self._in(conv6), self._in(expert)))
+        with self._autocast():
+            return self._out(self.policy_net.key_probability(self._in(conv6), self._in(expert)))
 
     @torch.inference_mode()
     def dvsnet_score(self, conv6: np.ndarray) -> np.ndarray:
         self._require("dvsnet", self.dvsnet_net is not None)
-        return self._out(self.dvsnet_net(self._in(conv6)))
+        with self._autocast():
+            return self._out(self.dvsnet_net(self._in(conv6)))

@@ -1,4 +1,4 @@
-"""The engine's subcommands: ``segment``, ``export`` and ``bench``."""
+"""The engine's subcommands: ``segment``, ``export``, ``bench`` and ``build-engines``."""
 
 from __future__ import annotations
 
@@ -7,11 +7,19 @@ import json
 import sys
 from pathlib import Path
 
-from facestream.engines.backends import BACKENDS, DEFAULT_BACKEND
+from facestream.engines.backend_choice import BackendUnavailable
+from facestream.engines.backends import BACKENDS, CPU_BACKENDS, DEFAULT_BACKEND
 from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS
 from facestream.engines.export import export_onnx
 from facestream.engines.schedulers import SCHEDULERS
 from facestream.engines.segment import SegmentOptions, run_segment
+from facestream.engines.tensorrt_build import (
+    DEFAULT_MAX_BATCH,
+    EngineBuildError,
+    TensorRTError,
+    TensorRTUnavailable,
+    build_engines,
+)
 from facestream.engines.weights import WeightsError, find_weights
 
 _KNOB_FLAGS = {"interval": "fixed", "rate": "random", "threshold": "flow|dvsnet", "tau": "rl"}
@@ -105,7 +113,7 @@ class SegmentCommand:
                 flow=args.flow,
             )
             report = run_segment(options)
-        except (WeightsError, ValueError, OSError) as exc:
+        except (WeightsError, ValueError, OSError, BackendUnavailable, TensorRTError) as exc:
             return _fail(self.name, exc)
         keys, frames = report["keys"], report["frames"]
         print(
@@ -146,7 +154,13 @@ class BenchCommand:
         parser.add_argument("--repeats", type=int, default=20)
         parser.add_argument("--frames", type=int, default=300, help="frames of the clip for end-to-end FPS")
         parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
-        parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+        parser.add_argument(
+            "--backends",
+            nargs="+",
+            choices=BACKENDS,
+            default=list(CPU_BACKENDS),
+            help=f"backends to measure (default: {' '.join(CPU_BACKENDS)}; GPUs: make bench-gpu)",
+        )
         parser.add_argument("--key-backbone", choices=["mobilenet_v2", "resnet50"], default="resnet50")
         _flow_argument(parser)
 
@@ -167,4 +181,61 @@ class BenchCommand:
         )
         print(format_tables(result))
         print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+        return 0
+
+
+class BuildEnginesCommand:
+    name = "build-engines"
+    help = "build TensorRT engines of every network into the engine cache (needs a CUDA GPU and TensorRT)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        _weights_argument(parser)
+        parser.add_argument(
+            "--out",
+            type=Path,
+            metavar="CACHE",
+            help="engine cache folder (default: $FACESTREAM_CACHE/trt, else ~/.cache/facestream/trt)",
+        )
+        precision = parser.add_mutually_exclusive_group()
+        precision.add_argument(
+            "--fp16",
+            dest="precision",
+            action="store_const",
+            const="fp16",
+            help="FP16 engines where the GPU has fast FP16 (the default)",
+        )
+        precision.add_argument("--fp32", dest="precision", action="store_const", const="fp32")
+        parser.set_defaults(precision="fp16")
+        parser.add_argument(
+            "--max-batch",
+            type=int,
+            default=DEFAULT_MAX_BATCH,
+            help=f"largest batch (default {DEFAULT_MAX_BATCH})",
+        )
+        parser.add_argument("--workspace-gb", type=float, help="TensorRT builder workspace limit in GiB")
+
+    def run(self, args: argparse.Namespace) -> int:
+        def say(message: str) -> None:
+            print(f"build-engines: {message}", file=sys.stderr, flush=True)
+
+        try:
+            weights = find_weights(args.weights)
+            engines = build_engines(
+                weights,
+                out=args.out,
+                precision=args.precision,
+                max_batch=args.max_batch,
+                workspace_gb=args.workspace_gb,
+                progress=say,
+            )
+        except TensorRTUnavailable as exc:
+            return _fail(self.name, exc)
+        except EngineBuildError as exc:
+            print(f"facestream {self.name}: error: {exc}", file=sys.stderr)
+            return 1
+        except (WeightsError, ValueError, OSError) as exc:
+            return _fail(self.name, exc)
+        key = engines.key
+        say(f"{key.precision} engines for {key.gpu}, TensorRT {key.tensorrt}, batch 1..{key.max_batch}")
+        print(json.dumps({name: str(path) for name, path in engines.plans.items()}, indent=2))
         return 0

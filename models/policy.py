@@ -15,6 +15,9 @@ class KeyPolicy(nn.Module):
     FC3 -> 2 logits (index 0: non-key a0, index 1: key a1).
     """
 
+    conv6_mean: torch.Tensor  # buffers, present when config.normalize_input
+    conv6_scale: torch.Tensor
+
     def __init__(self, config: PolicyConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or PolicyConfig()

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from facestream.engines.backends import create_networks
+from facestream.engines.backends import create_chosen_networks
 from facestream.engines.dis_flow import DisFlowNetworks
 from facestream.engines.networks import Networks
 from facestream.engines.pipeline import StreamSegmenter
@@ -37,8 +37,10 @@ class ServiceEngine:
     def load(cls, weights: str | None, backend: str, flow: str, threads: int | None = None) -> ServiceEngine:
         start = time.perf_counter()
         found = find_weights(weights)
-        networks = create_networks(found, backend, threads=threads, flow=flow, conv6=True)
+        networks, choice = create_chosen_networks(found, backend, threads=threads, flow=flow, conv6=True)
+        log.info("%s", choice.describe())
         engine = cls.around(found, networks, flow)
+        engine.info["backend_choice"] = choice.to_json()
         engine.info["load_seconds"] = round(time.perf_counter() - start, 3)
         return engine
 

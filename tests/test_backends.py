@@ -273,7 +273,7 @@ def test_create_networks_unknown_backend_names_the_choices(tmp_path_factory) -> 
     weights = random_weights(tmp_path_factory)
     with pytest.raises(ValueError, match=r"unknown backend 'tensorflow'; choose one of onnxruntime, torch"):
         create_networks(weights, "tensorflow")
-    assert BACKENDS == ("onnxruntime", "torch")
+    assert BACKENDS[:2] == ("onnxruntime", "torch")
 
 
 @pytest.mark.parametrize("make", ["empty", "missing", "flow-only"])

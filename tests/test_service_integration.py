@@ -18,12 +18,15 @@ import cv2
 import numpy as np
 import pytest
 import websockets.sync.client as ws_client
+from fastapi.testclient import TestClient
 from helpers import CLIP, clip_frames
 from rtsp_server import RtspTestServer, missing_peers
 
 from facestream.cli import main
+from facestream.service.app import create_app
 from facestream.service.bench import free_port, wait_ready
 from facestream.service.client import encode_frames
+from facestream.service.settings import ServiceSettings
 
 pytestmark = pytest.mark.integration
 
@@ -197,3 +200,16 @@ def test_facestream_client_reports_round_trips(server: str, videos_dir: Path, tm
     saved = sorted(masks.glob("*.png"))
     assert len(saved) == summary["frames_with_face"] > 0
     assert cv2.imread(str(saved[0]), cv2.IMREAD_UNCHANGED).shape == (240, 320)
+
+
+def test_readyz_names_the_chosen_backend_and_why() -> None:
+    """backend=auto with the shipped weights: no GPU here, so ONNX Runtime on the CPU, and /readyz
+    says why each faster backend was skipped."""
+    with TestClient(create_app(ServiceSettings(backend="auto", threads=1))) as client:
+        assert client.app.state.service.ready.wait(120)
+        ready = client.get("/readyz").json()
+    choice = ready["backend_choice"]
+    assert ready["backend"].startswith(choice["name"])
+    tried = dict(choice["tried"])
+    if choice["name"] == "onnxruntime":  # a CPU machine: every GPU backend skipped, with a reason
+        assert {"tensorrt", "torch-cuda"} <= set(tried) and all(tried.values())
