@@ -79,3 +79,17 @@ clean:
 
 bench-gpu: ## GPU per-stage FPS (TensorRT FP16, torch-cuda; 512², batch 1 and 8) -> bench/gpu/gpu.json + .png; exits 2 without a GPU
 	$(BIN)/python -m facestream.engines.bench_gpu --out bench/gpu
+
+.PHONY: lint-deploy requirements
+
+lint-deploy: ## lint docker/ and deploy/ without Docker or a cluster (pip install -e '.[deploy]' and .ci/install-peers first)
+	$(BIN)/hadolint --failure-threshold info docker/Dockerfile.cpu docker/Dockerfile.gpu deploy/rtsp-source/Dockerfile
+	shellcheck docker/entrypoint-gpu.sh
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec deploy/compose/docker-compose.yml deploy/compose/docker-compose.gpu.yml
+	$(BIN)/kubernetes-validate --strict deploy/k8s/*.yaml
+	promtool check config deploy/compose/prometheus.yml
+	$(BIN)/python -m pytest tests/test_deploy.py -m "integration or not integration" -q
+
+requirements: ## pin the runtime dependencies installed in .venv into requirements/runtime.txt (the images' pip constraints)
+	$(BIN)/python requirements/freeze.py > requirements/runtime.txt.tmp
+	mv requirements/runtime.txt.tmp requirements/runtime.txt

@@ -9,6 +9,9 @@ the home folder.
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,6 +22,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import websockets.sync.client as ws_client
 
 from facestream.engines.backends import create_networks
 from facestream.engines.face import Box
@@ -327,3 +331,34 @@ class FakeClip:
         cv2.ellipse(label, (cx, 320), (40, 16), 0, 0, 360, 3, -1)
         cv2.ellipse(label, (cx, 320), (25, 6), 0, 0, 360, 4, -1)
         return label
+
+
+def stream_in_background(
+    url: str,
+    frames: Sequence[bytes],
+    stop: threading.Event,
+    *,
+    interval: float = 0.05,
+    corrupt_first: bool = False,
+) -> threading.Thread:
+    """A WebSocket client of a live service's ``/ws`` sending ``frames`` in a loop, one at a time,
+    every ``interval`` seconds until ``stop`` (first a corrupt frame when ``corrupt_first``)."""
+
+    def run() -> None:
+        with ws_client.connect(url, max_size=None) as ws:
+            ws.recv()
+            if corrupt_first:
+                ws.send(b"\x89PNG\r\n\x1a\n not really")  # -> facestream_bad_frames_total{reason="corrupt"}
+                ws.recv()
+            i = 0
+            while not stop.is_set():
+                ws.send(frames[i % len(frames)])
+                header = json.loads(ws.recv())
+                if header["type"] == "result" and header["format"] in ("png", "raw"):
+                    ws.recv()
+                i += 1
+                time.sleep(interval)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread

@@ -1,39 +1,31 @@
 """A real RTSP server for the integration tests: GStreamer's gst-rtsp-server serving a looped clip.
 
-Two parts in one file:
+The server is ``deploy/rtsp-source/rtsp_source.py`` (also the compose stack's test camera), run
+by the *system* Python (``/usr/bin/python3``, where Debian's ``python3-gi`` lives; the project venv
+cannot import ``gi``)::
 
-* a script for the *system* Python (``/usr/bin/python3``, where Debian's ``python3-gi`` lives; the
-  project venv cannot import ``gi``)::
+      /usr/bin/python3 deploy/rtsp-source/rtsp_source.py --host 127.0.0.1 --port 8554 --clip clip.mp4
+      /usr/bin/python3 deploy/rtsp-source/rtsp_source.py --check    # exit 1 and name what is missing
 
-      /usr/bin/python3 tests/rtsp_server.py --port 8554 --clip clip.mp4 [--path /face]
-      /usr/bin/python3 tests/rtsp_server.py --check    # exit 1 and name what is missing
-
-  It reads the clip's H.264 access units once (``filesrc ! qtdemux ! h264parse ! appsink``) and
-  serves them at ``rtsp://127.0.0.1:PORT/PATH``, each client from the first frame, looped forever
-  at the clip's frame rate with the clip's own timestamps (B-frames kept), without re-encoding:
-  ``appsrc ! h264parse ! clocksync ! rtph264pay``. It prints ``READY <port>`` on stdout once the
-  port listens.
-* :class:`RtspTestServer`, a stdlib-only helper for the tests (start on a free port, wait until
-  ready, stop, restart on the same port), imported as ``from rtsp_server import RtspTestServer``.
+It serves the clip's H.264 access units, looped, without re-encoding, and prints ``READY <port>``
+once it listens. This file holds :class:`RtspTestServer`, a stdlib-only helper for the tests
+(start on a free port, wait until ready, stop, restart on the same port), imported as
+``from rtsp_server import RtspTestServer``.
 
 The Debian packages it needs are listed in :data:`PACKAGES`; ``.ci/install-peers`` installs them.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import select
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-SCRIPT = Path(__file__).resolve()
+SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "rtsp-source" / "rtsp_source.py"
 SYSTEM_PYTHON = "/usr/bin/python3"
 INSTALL_COMMAND = ".ci/install-peers"
 DEFAULT_PATH = "/face"
@@ -45,14 +37,6 @@ PACKAGES = {
     "gstreamer1.0-plugins-base": "appsrc, appsink",
     "gstreamer1.0-plugins-good": "qtdemux, rtph264pay",
     "gstreamer1.0-plugins-bad": "h264parse",
-}
-ELEMENTS = {
-    "appsrc": "gstreamer1.0-plugins-base",
-    "appsink": "gstreamer1.0-plugins-base",
-    "clocksync": "libgstreamer1.0-0",  # GStreamer core, a dependency of the packages above
-    "qtdemux": "gstreamer1.0-plugins-good",
-    "rtph264pay": "gstreamer1.0-plugins-good",
-    "h264parse": "gstreamer1.0-plugins-bad",
 }
 
 
@@ -122,7 +106,8 @@ class RtspTestServer:
             raise RuntimeError(f"the RTSP server is already running at {self.url}")
         if self.port is None:
             self.port = free_port()
-        command = [self.python, str(SCRIPT), "--port", str(self.port), "--clip", str(self.clip)]
+        command = [self.python, str(SCRIPT), "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--clip", str(self.clip)]
         self._process = subprocess.Popen(
             [*command, "--path", self.path], stdout=subprocess.PIPE, stderr=self._log, start_new_session=True
         )
@@ -212,138 +197,3 @@ class RtspTestServer:
     def _fail(self, why: str) -> None:
         self.stop()
         raise RuntimeError(f"RTSP test server on port {self.port}: {why}. Its log:\n{self.log_text()}")
-
-
-# ================================================================ the server (system python3 + gi)
-
-
-def _import_gst() -> tuple[Any, Any, Any]:
-    """Gst, GstRtspServer and GLib from the system's PyGObject (not importable in the venv)."""
-    import gi
-
-    gi.require_version("Gst", "1.0")
-    gi.require_version("GstRtspServer", "1.0")
-    from gi.repository import GLib, Gst, GstRtspServer
-
-    Gst.init(None)
-    return Gst, GstRtspServer, GLib
-
-
-def check() -> int:
-    """Print each missing piece with its Debian package; 0 when nothing is missing."""
-    try:
-        Gst, _, _ = _import_gst()
-    except ImportError as exc:
-        print(f"python3-gi missing ({exc})")
-        return 1
-    except ValueError as exc:  # gi.require_version: the typelib is not installed
-        print(f"gir1.2-gst-rtsp-server-1.0 missing ({exc})")
-        return 1
-    missing = [name for name in ELEMENTS if Gst.ElementFactory.find(name) is None]
-    for name in missing:
-        print(f"{ELEMENTS[name]} missing (no {name} element)")
-    return 1 if missing else 0
-
-
-def read_access_units(Gst: Any, clip: Path) -> tuple[Any, list[tuple[bytes, int, int, int, bool]]]:
-    """The clip's H.264 caps and access units (data, pts, dts, duration in ns, is a delta unit)."""
-    pipeline = Gst.parse_launch(
-        "filesrc name=file ! qtdemux ! h264parse config-interval=-1 "
-        "! video/x-h264,stream-format=byte-stream,alignment=au ! appsink name=sink sync=false"
-    )
-    pipeline.get_by_name("file").set_property("location", str(clip))
-    sink = pipeline.get_by_name("sink")
-    pipeline.set_state(Gst.State.PLAYING)
-    caps, units = None, []
-    while (sample := sink.emit("try-pull-sample", 10 * Gst.SECOND)) is not None:  # None: EOS or stuck
-        caps = sample.get_caps()
-        buffer = sample.get_buffer()
-        delta = buffer.has_flags(Gst.BufferFlags.DELTA_UNIT)
-        units.append(
-            (buffer.extract_dup(0, buffer.get_size()), buffer.pts, buffer.dts, buffer.duration, delta)
-        )
-    error = pipeline.get_bus().pop_filtered(Gst.MessageType.ERROR)
-    pipeline.set_state(Gst.State.NULL)
-    if error is not None or not units:
-        raise SystemExit(f"cannot read H.264 from {clip}: {error.parse_error() if error else 'no frames'}")
-    return caps, units
-
-
-class LoopFeeder:
-    """Pushes the access units into one client's appsrc, looped, timestamps shifted per loop."""
-
-    def __init__(self, Gst: Any, units: list[tuple[bytes, int, int, int, bool]], frame_ns: int) -> None:
-        self.Gst, self.units, self.index = Gst, units, 0
-        times = [t for _, pts, dts, _, _ in units for t in (pts, dts) if t != Gst.CLOCK_TIME_NONE]
-        self.base = min(times)
-        self.loop_ns = len(units) * frame_ns
-
-    def need_data(self, appsrc: Any, _length: int) -> None:
-        loop, position = divmod(self.index, len(self.units))
-        data, pts, dts, duration, delta = self.units[position]
-        buffer = self.Gst.Buffer.new_wrapped(data)
-        shift = loop * self.loop_ns - self.base
-        buffer.pts = pts + shift
-        buffer.dts = dts + shift if dts != self.Gst.CLOCK_TIME_NONE else pts + shift
-        buffer.duration = duration
-        if delta:
-            buffer.set_flags(self.Gst.BufferFlags.DELTA_UNIT)
-        self.index += 1
-        appsrc.emit("push-buffer", buffer)
-
-
-def serve(port: int, clip: Path, path: str) -> int:
-    """Serve ``clip`` looped at rtsp://127.0.0.1:port/path until SIGTERM/SIGINT."""
-    Gst, GstRtspServer, GLib = _import_gst()
-    caps, units = read_access_units(Gst, clip)
-    has_rate, numerator, denominator = caps.get_structure(0).get_fraction("framerate")
-    frame_ns = Gst.SECOND * denominator // numerator if has_rate and numerator else units[0][3]
-
-    def configure(_factory: Any, media: Any) -> None:
-        appsrc = media.get_element().get_by_name("src")
-        appsrc.set_property("caps", caps)
-        appsrc.connect("need-data", LoopFeeder(Gst, units, frame_ns).need_data)
-
-    factory = GstRtspServer.RTSPMediaFactory()
-    factory.set_launch(
-        "( appsrc name=src format=time ! h264parse config-interval=-1 ! clocksync "
-        "! rtph264pay name=pay0 pt=96 config-interval=-1 )"
-    )
-    factory.set_shared(False)  # each client gets its own pipeline, from the first (key) frame
-    factory.connect("media-configure", configure)
-    server = GstRtspServer.RTSPServer()
-    server.set_address("127.0.0.1")
-    server.set_service(str(port))
-    server.get_mount_points().add_factory(path, factory)
-    if server.attach(None) == 0:
-        print(f"cannot listen on 127.0.0.1:{port}", file=sys.stderr)
-        return 2
-    loop = GLib.MainLoop()
-    for number in (signal.SIGTERM, signal.SIGINT):
-        GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, number, loop.quit)
-    print(f"READY {port}", flush=True)
-    print(f"serving {clip} ({len(units)} frames) at rtsp://127.0.0.1:{port}{path}", file=sys.stderr)
-    loop.run()
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, help="TCP port to listen on (127.0.0.1)")
-    parser.add_argument("--clip", type=Path, help="an MP4 with an H.264 video track")
-    parser.add_argument("--path", default=DEFAULT_PATH, help=f"mount point (default {DEFAULT_PATH})")
-    parser.add_argument("--check", action="store_true", help="only check that the needed packages exist")
-    args = parser.parse_args(argv)
-    if args.check:
-        return check()
-    if args.port is None or args.clip is None:
-        parser.error("--port and --clip are required (or --check)")
-    if not args.clip.is_file():
-        parser.error(f"--clip {args.clip} is not a file")
-    return serve(args.port, args.clip.resolve(), args.path)
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("GST_DEBUG", "1")  # errors only, on stderr
-    os.environ.setdefault("GST_DEBUG_NO_COLOR", "1")
-    sys.exit(main())

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import websockets.sync.client as ws_client
 from fastapi.testclient import TestClient
-from helpers import CLIP, clip_frames
+from helpers import CLIP, clip_frames, stream_in_background
 from rtsp_server import RtspTestServer, missing_peers
 
 from facestream.cli import main
@@ -72,24 +72,6 @@ def test_websocket_round_trip_over_tcp(server: str, videos_dir: Path) -> None:
         assert error["type"] == "error" and error["reason"] == "corrupt"
 
 
-def _stream_in_background(url: str, frames: list[bytes], stop: threading.Event) -> threading.Thread:
-    def run() -> None:
-        with ws_client.connect(url, max_size=None) as ws:
-            ws.recv()
-            i = 0
-            while not stop.is_set():
-                ws.send(frames[i % len(frames)])
-                header = json.loads(ws.recv())
-                if header["type"] == "result" and header["format"] == "png":
-                    ws.recv()
-                i += 1
-                time.sleep(0.05)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
-
-
 def test_prometheus_scrapes_the_key_ratio(server: str, videos_dir: Path, tmp_path: Path) -> None:
     binary = shutil.which("prometheus")
     if binary is None:
@@ -114,7 +96,7 @@ def test_prometheus_scrapes_the_key_ratio(server: str, videos_dir: Path, tmp_pat
     )
     stop = threading.Event()
     frames = encode_frames(clip_frames(videos_dir, CLIP, 20), (640, 480))
-    streamer = _stream_in_background(server.replace("http", "ws") + "/ws?name=prom", frames, stop)
+    streamer = stream_in_background(server.replace("http", "ws") + "/ws?name=prom", frames, stop)
     api = f"http://127.0.0.1:{port}/api/v1/query?query="
     try:
         deadline, value, frames_total = time.time() + 60, None, None
