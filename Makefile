@@ -16,7 +16,7 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 install: $(BIN)/python  ## create .venv and install facestream with the dev tools (CPU)
-	$(BIN)/pip install -e '.[dev,train]'
+	$(BIN)/pip install -c requirements/runtime.txt -e '.[dev,train]'  # the images' pins (requirements/runtime.txt)
 	$(BIN)/facestream --version
 
 run: ## start the service on http://$(HOST):$(PORT)/ (browser page, /ws, /streams, /metrics, /docs)
