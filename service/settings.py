@@ -12,7 +12,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -21,6 +21,14 @@ from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS
 from facestream.engines.schedulers import SCHEDULERS, make_scheduler
 
 MASK_FORMATS = ("png", "rle", "raw", "none")
+CHOICES: dict[str, tuple[str, ...]] = {  # settings that take one of a fixed set of names
+    "backend": BACKENDS,
+    "flow": FLOWS,
+    "scheduler": tuple(SCHEDULERS),
+    "mask_format": MASK_FORMATS,
+    "rtsp_transport": ("tcp", "udp"),
+    "log_level": ("critical", "error", "warning", "info", "debug"),
+}
 
 _file_values: ContextVar[dict[str, Any] | None] = ContextVar("facestream_config_file", default=None)
 
@@ -77,35 +85,16 @@ class ServiceSettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, env_settings, _ConfigFileSource(settings_cls)
 
-    @field_validator("backend")
+    @field_validator(*CHOICES)
     @classmethod
-    def _backend(cls, value: str) -> str:
-        return _choice("backend", value, BACKENDS)
-
-    @field_validator("flow")
-    @classmethod
-    def _flow(cls, value: str) -> str:
-        return _choice("flow", value, FLOWS)
-
-    @field_validator("scheduler")
-    @classmethod
-    def _scheduler(cls, value: str) -> str:
-        return _choice("scheduler", value, tuple(SCHEDULERS))
-
-    @field_validator("mask_format")
-    @classmethod
-    def _mask_format(cls, value: str) -> str:
-        return _choice("mask_format", value, MASK_FORMATS)
-
-    @field_validator("rtsp_transport")
-    @classmethod
-    def _transport(cls, value: str) -> str:
-        return _choice("rtsp_transport", value, ("tcp", "udp"))
-
-    @field_validator("log_level")
-    @classmethod
-    def _log_level(cls, value: str) -> str:
-        return _choice("log_level", value.lower(), ("critical", "error", "warning", "info", "debug"))
+    def _one_of(cls, value: str, info: ValidationInfo) -> str:
+        name = info.field_name or ""
+        if name == "log_level":
+            value = value.lower()
+        choices = CHOICES[name]
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _knob(self) -> ServiceSettings:
@@ -117,12 +106,6 @@ class ServiceSettings(BaseSettings):
         values = self.model_dump(mode="json")
         values["token"] = "***" if self.token else None
         return values
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-    return value
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

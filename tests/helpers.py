@@ -10,6 +10,8 @@ the home folder.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -29,6 +31,7 @@ from facestream.engines.face import Box
 from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.weights import FILES, WeightSet, find_weights, write_random_weights
 from facestream.models.config import FlowConfig, SegmentationConfig
+from facestream.service.bench import free_port, wait_ready
 
 SIZE = 64  # segmentation input side used by the tests (feature grid 16 x 16, flow input 64)
 CLIP = "lp_d3.mp4"  # 512 x 512; the Haar detector finds the face on its first 30 frames
@@ -362,3 +365,20 @@ def stream_in_background(
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
+
+
+@contextmanager
+def running_service(log: Path, *args: str, timeout: float = 120.0) -> Iterator[str]:
+    """A real ``facestream serve`` (shipped weights, one thread) on a free port with ``args``;
+    yields its base URL once /readyz says ready, stops it afterwards. Output goes to ``log``."""
+    port = free_port()
+    command = [sys.executable, "-m", "facestream.cli", "serve", "--port", str(port), "--threads", "1", *args]
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, process, timeout)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(10)

@@ -41,13 +41,14 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import CLIP, clip_frames, stream_in_background
+from helpers import CLIP, clip_frames, running_service, stream_in_background
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 from prometheus_client.parser import text_string_to_metric_families
+from rtsp_server import RtspTestServer, missing_peers
 
-from facestream.service.bench import free_port, wait_ready
+from facestream.service.bench import free_port
 from facestream.service.metrics import ServiceMetrics
 from facestream.service.settings import ServiceSettings
 
@@ -605,42 +606,9 @@ def _adapter_query(namespace: str, pod: str) -> str:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real ``facestream serve`` (shipped weights) on a free port."""
-    port = free_port()
     log = tmp_path_factory.mktemp("deploy-serve") / "serve.log"
-    command = [sys.executable, "-m", "facestream.cli", "serve", "--port", str(port), "--threads", "1"]
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [*command, "--scheduler", "fixed", "--knob", "5"], stdout=out, stderr=subprocess.STDOUT
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, process, 180)
+    with running_service(log, "--scheduler", "fixed", "--knob", "5", timeout=180) as base:
         yield base
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-class RtspSource:
-    """deploy/rtsp-source/rtsp_source.py run by the system Python on 127.0.0.1."""
-
-    def __init__(self, clip: Path) -> None:
-        self.port = free_port()
-        script = DEPLOY / "rtsp-source" / "rtsp_source.py"
-        command = ["/usr/bin/python3", str(script), "--clip", str(clip), "--host", "127.0.0.1"]
-        self.process = subprocess.Popen(
-            [*command, "--port", str(self.port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line.startswith("READY"):
-            self.stop()
-            raise RuntimeError(f"the RTSP test source did not start: {line!r}")
-        self.url = f"rtsp://127.0.0.1:{self.port}/face"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
 
 
 def _query(prometheus: str, expr: str) -> list[dict[str, Any]]:
@@ -667,13 +635,12 @@ def test_dashboard_and_hpa_queries_against_a_live_service(
     Prometheus with the compose scrape job and the Kubernetes scrape job (discovery replaced by
     static meta labels) answers every dashboard query and the HPA adapter's query with data."""
     prometheus_binary = _tool("prometheus", f"run {PEERS} (Debian package prometheus)")
-    import rtsp_server
-
-    if (reason := rtsp_server.missing_peers()) is not None:
+    if (reason := missing_peers()) is not None:
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
-    source = RtspSource(videos_dir / CLIP)
+    source = RtspTestServer(videos_dir / CLIP)
+    source.start()
     stop = threading.Event()
     prometheus = None
     try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -19,12 +18,12 @@ import numpy as np
 import pytest
 import websockets.sync.client as ws_client
 from fastapi.testclient import TestClient
-from helpers import CLIP, clip_frames, stream_in_background
+from helpers import CLIP, clip_frames, running_service, stream_in_background
 from rtsp_server import RtspTestServer, missing_peers
 
 from facestream.cli import main
 from facestream.service.app import create_app
-from facestream.service.bench import free_port, wait_ready
+from facestream.service.bench import free_port
 from facestream.service.client import encode_frames
 from facestream.service.settings import ServiceSettings
 
@@ -34,19 +33,9 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real ``facestream serve`` on a free port (shipped weights, fixed scheduler every 5)."""
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    command = [sys.executable, "-m", "facestream.cli", "serve", "--port", str(port), "--threads", "1"]
-    command += ["--scheduler", "fixed", "--knob", "5"]
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, process, 120)
+    with running_service(log, "--scheduler", "fixed", "--knob", "5") as base:
         yield base
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def _get(url: str) -> dict:
