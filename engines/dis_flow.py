@@ -2,10 +2,11 @@
 
 :class:`DisFlowNetworks` wraps any :class:`Networks` and answers :meth:`~Networks.flow` with
 Dense Inverse Search (Kroeger et al., ECCV 2016; ``cv2.DISOpticalFlow``, medium preset) on the
-greyscale frames instead of FlowNet2-s; N_feat, N_task, the warp, the policy and the DVSNet head
-are the wrapped networks'. DIS predicts no DFF scale field (it is 1 everywhere) and has no Conv6
-features: the ``rl`` and ``dvsnet`` schedulers read those from the wrapped F, which then runs as
-well (``conv6=True``); otherwise F never runs and Conv6 is zeros.
+greyscale face crops at N's input size (256² by default; ``size`` sets another) instead of
+FlowNet2-s; N_feat, N_task, the warp, the policy and the DVSNet head are the wrapped networks'.
+DIS predicts no DFF scale field (it is 1 everywhere) and has no Conv6 features: the ``rl`` and
+``dvsnet`` schedulers read those from the wrapped F, which then runs as well (``conv6=True``);
+otherwise F never runs and Conv6 is zeros.
 """
 
 from __future__ import annotations
@@ -70,11 +71,12 @@ class DisFlowNetworks(Networks):
         )
         self.inner = inner
         self.conv6 = conv6
-        self.size = size or inner.flow_config.input_size
+        default = inner.segmentation_config.input_size
+        self.size = size or default
         if self.size < 16:
             raise ValueError(f"DIS flow input size must be at least 16 pixels, got {self.size}")
-        # the default size keeps the old name (caches of pair tables are keyed on it)
-        same = self.size == inner.flow_config.input_size
+        # the size is in the name (caches of pair tables are keyed on it) unless it is the default
+        same = self.size == default
         self.backend = f"{inner.backend}+dis" if same else f"{inner.backend}+dis{self.size}"
         self._dis = create_dis()
         self._lock = threading.Lock()

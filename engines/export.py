@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,19 +109,26 @@ def graph_specs(weights: WeightSet) -> list[GraphSpec]:
 def export_graph(spec: GraphSpec, path: Path, opset: int = OPSET) -> Path:
     args = tuple(torch.rand(shape) for shape in spec.inputs.values())
     axes = {name: {0: "batch"} for name in (*spec.inputs, *spec.outputs)}
-    tmp = path.with_suffix(".onnx.tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about shape checks in Python
-        torch.onnx.export(
-            spec.module.eval(),
-            args,
-            str(tmp),
-            input_names=list(spec.inputs),
-            output_names=list(spec.outputs),
-            dynamic_axes=axes,
-            opset_version=opset,
-            dynamo=False,
-        )
+    # a temporary name of its own: processes exporting into the same cache at once must not
+    # rename each other's half-written files
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as f:
+        tmp = Path(f.name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about shape checks in Python
+            torch.onnx.export(
+                spec.module.eval(),
+                args,
+                str(tmp),
+                input_names=list(spec.inputs),
+                output_names=list(spec.outputs),
+                dynamic_axes=axes,
+                opset_version=opset,
+                dynamo=False,
+            )
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return path
 

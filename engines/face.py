@@ -101,6 +101,32 @@ def paste_scores(scores: np.ndarray, box: Box, frame_hw: tuple[int, int]) -> np.
     return mask
 
 
+MAX_TRACK_SHIFT = 0.5  # the tracked square moves at most this fraction of its side from the key's
+
+
+def track_box(box: Box, key_box: Box, flow: np.ndarray, scores: np.ndarray, *, min_pixels: int = 16) -> Box:
+    """Where the next non-key frame's crop is cut: ``box`` (this frame's crop square) moved with
+    the face.
+
+    ``flow`` (2, h, w): this frame's flow to the key frame (x first, in pixels of the h x w warp
+    grid over ``box``); ``scores`` (K, h', w'): this frame's warped class scores. A face pixel at
+    grid position p of this crop sits at p + flow(p) in the key's crop, so the face moved by
+    -median(flow) over its pixels relative to ``box``; the next square is shifted by that much
+    (frame-to-frame motion is small, so one frame's lag keeps the face centred). Without enough
+    face pixels the square stays. The shift from ``key_box`` is capped at MAX_TRACK_SHIFT x side.
+    """
+    labels = scores.argmax(axis=0) > 0
+    if labels.shape != flow.shape[1:]:
+        labels = cv2.resize(labels.astype(np.uint8), flow.shape[:0:-1], interpolation=cv2.INTER_NEAREST) > 0
+    if int(labels.sum()) < min_pixels:
+        return box
+    dx, dy = (float(np.median(flow[c][labels])) * box.width / flow.shape[2 - c] for c in (0, 1))
+    limit = MAX_TRACK_SHIFT * key_box.width
+    x0 = float(np.clip(box.x0 - dx, key_box.x0 - limit, key_box.x0 + limit))
+    y0 = float(np.clip(box.y0 - dy, key_box.y0 - limit, key_box.y0 + limit))
+    return Box(x0, y0, x0 + box.width, y0 + box.height)
+
+
 def _cascade_path() -> Path:
     folder = cv2.data.haarcascades  # type: ignore[attr-defined]
     path = Path(folder) / "haarcascade_frontalface_default.xml"

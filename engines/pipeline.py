@@ -1,9 +1,12 @@
 """The dynamic segmentation pipeline: one :class:`StreamSegmenter` per video stream.
 
-For every frame: ask the scheduler (which may run F on the face crop cut with the box held since
-the last key), then either run N_feat (key: the face box is located anew and the cache refreshed)
-or warp the cached key features by F's flow (non-key). F runs only when the scheduler or the warp
-needs it, and at most once per frame.
+For every frame: ask the scheduler (which may run F on the face crop), then either run N_feat
+(key: the face box is located anew and the cache refreshed) or warp the cached key features by F's
+flow (non-key). F runs only when the scheduler or the warp needs it, and at most once per frame.
+
+Non-key crops are cut from the key's square moved with the face (``track``, the default): after
+each non-key frame the square shifts by the face's median flow (:func:`track_box`), so a face that
+moves fast stays inside the crop. With ``track=False`` the key's square is held until the next key.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from facestream.engines.face import Box, FaceLocator, crop_square, paste_scores
+from facestream.engines.face import Box, FaceLocator, crop_square, paste_scores, track_box
 from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.schedulers import (
     WINDOW,
@@ -48,6 +51,7 @@ class FrameResult:
 @dataclass
 class _KeyCache:
     box: Box
+    crop_box: Box  # where the next non-key crop is cut (the key's square, moved with the face)
     features: np.ndarray  # (1, C, S/4, S/4) f_k
     flow_image: np.ndarray  # (3, Sf, Sf) I_k at the flow network's input size, [0, 1]
 
@@ -130,12 +134,14 @@ class StreamSegmenter:
         locator: FaceLocator | None = None,
         *,
         window: int = WINDOW,
+        track: bool = True,
     ) -> None:
         check_scheduler(scheduler, networks)
         self.networks = networks
         self.scheduler = scheduler
         self.locator = locator or FaceLocator()
         self.window = window
+        self.track = track
         self.reset()
 
     def reset(self) -> None:
@@ -143,6 +149,7 @@ class StreamSegmenter:
         self.scheduler.reset()
         self._cache: _KeyCache | None = None
         self._last_mask: np.ndarray | None = None
+        self._last_square: Box | None = None
         self._last_confidence = 0.0
         self.index = 0
 
@@ -186,7 +193,7 @@ class StreamSegmenter:
             """F on (current crop, key crop), computed once, and only when someone asks."""
             if not flow_memo:
                 with timer.stage("crop"):
-                    crop = crop_square(frame, cache.box, self.input_size)
+                    crop = crop_square(frame, cache.crop_box, self.input_size)
                 with timer.stage("flow"):
                     flow_memo.append(self._flow(crop, cache))
             return flow_memo[0]
@@ -219,9 +226,9 @@ class StreamSegmenter:
 
     def _complete_key(self, request: KeyRequest, features: np.ndarray, key_ms: float) -> FrameResult:
         request.timer.timings["key"] = request.timer.timings.get("key", 0.0) + key_ms
-        self._cache = _KeyCache(request.square, features, self._flow_image(request.crop))
+        self._cache = _KeyCache(request.square, request.square, features, self._flow_image(request.crop))
         self.history.record(True)
-        result = self._finish(request.frame, features, request.square, True, request.timer, request.value)
+        result, _ = self._finish(request.frame, features, request.square, True, request.timer, request.value)
         result.index = request.index
         result.timings["total"] = (time.perf_counter() - request.start) * 1e3
         return result
@@ -237,7 +244,12 @@ class StreamSegmenter:
         with timer.stage("warp"):
             features = self.networks.warp(cache.features, flow.flow, flow.scale)
         self.history.record(False)
-        return self._finish(frame, features, cache.box, False, timer, value)
+        box = cache.crop_box
+        result, scores = self._finish(frame, features, box, False, timer, value)
+        if self.track:
+            with timer.stage("warp"):  # moving the crop with the face is part of the warp
+                cache.crop_box = track_box(box, cache.box, flow.flow[0], scores)
+        return result
 
     def _finish(
         self,
@@ -247,22 +259,23 @@ class StreamSegmenter:
         key: bool,
         timer: _Timer,
         value: float | None,
-    ) -> FrameResult:
+    ) -> tuple[FrameResult, np.ndarray]:
+        """The frame's result, and its (K, h, w) class scores over ``box``."""
         with timer.stage("task"):
             scores = self.networks.task(features)[0]
             mask = paste_scores(scores, box, frame.shape[:2])
             self._last_mask, self._last_confidence = mask, mask_confidence(scores)
-        return FrameResult(self.index, key, True, mask, box, timer.timings, value)
+            self._last_square = box
+        return FrameResult(self.index, key, True, mask, box, timer.timings, value), scores
 
     def _locate(self, frame: np.ndarray) -> Box | None:
         scale = self.locator.config.scale
-        square = self._cache.box if self._cache is not None else None
-        face = self.locator.locate(frame, self._last_mask, self._last_confidence, square)
+        face = self.locator.locate(frame, self._last_mask, self._last_confidence, self._last_square)
         return None if face is None else face.square(scale)
 
     def _no_face(self, timer: _Timer, value: float | None) -> FrameResult:
         """No face on a frame that needed a key: report it and look again on the next frame."""
         self._cache = None
-        self._last_mask = None
+        self._last_mask = self._last_square = None
         self.history.record(False)
         return FrameResult(self.index, False, False, None, None, timer.timings, value)

@@ -39,6 +39,7 @@ class SegmentOptions:
     threads: int | None = None
     progress: bool = True
     flow: str = DEFAULT_FLOW
+    dis_size: int | None = None  # side of the face crops DIS sees (None: N's input)
 
 
 class _Outputs:
@@ -86,6 +87,7 @@ def run_segment(options: SegmentOptions) -> dict[str, Any]:
         threads=options.threads,
         flow=options.flow,
         conv6=scheduler.needs_conv6,
+        dis_size=options.dis_size,
     )
     check_size(options.size, networks.segmentation_config.input_size)
     segmenter = StreamSegmenter(networks, scheduler)

@@ -49,7 +49,9 @@ EngineLoader = Callable[[ServiceSettings], ServiceEngine]
 
 
 def load_engine(settings: ServiceSettings) -> ServiceEngine:
-    engine = ServiceEngine.load(settings.weights, settings.backend, settings.flow, settings.threads)
+    engine = ServiceEngine.load(
+        settings.weights, settings.backend, settings.flow, settings.threads, dis_size=settings.dis_size
+    )
     engine.warm_up()
     return engine
 

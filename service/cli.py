@@ -39,6 +39,7 @@ class ServeCommand:
         parser.add_argument("--weights", metavar="DIR", help="weights folder (default: the shipped ones)")
         parser.add_argument("--backend", choices=BACKENDS)
         parser.add_argument("--flow", choices=FLOWS)
+        parser.add_argument("--dis-size", type=int, help="side of the face crops DIS sees (default 256)")
         parser.add_argument("--threads", type=int, help="CPU threads for inference")
         parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default scheduler of a stream")
         parser.add_argument("--knob", type=float, help="the default scheduler's knob")
@@ -58,6 +59,7 @@ class ServeCommand:
             "weights": args.weights,
             "backend": args.backend,
             "flow": args.flow,
+            "dis_size": args.dis_size,
             "threads": args.threads,
             "scheduler": args.scheduler,
             "knob": args.knob,

@@ -34,10 +34,20 @@ class ServiceEngine:
     info: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, weights: str | None, backend: str, flow: str, threads: int | None = None) -> ServiceEngine:
+    def load(
+        cls,
+        weights: str | None,
+        backend: str,
+        flow: str,
+        threads: int | None = None,
+        *,
+        dis_size: int | None = None,
+    ) -> ServiceEngine:
         start = time.perf_counter()
         found = find_weights(weights)
-        networks, choice = create_chosen_networks(found, backend, threads=threads, flow=flow, conv6=True)
+        networks, choice = create_chosen_networks(
+            found, backend, threads=threads, flow=flow, conv6=True, dis_size=dis_size
+        )
         log.info("%s", choice.describe())
         engine = cls.around(found, networks, flow)
         engine.info["backend_choice"] = choice.to_json()
@@ -49,7 +59,7 @@ class ServiceEngine:
         """An engine around networks built elsewhere (with ``flow="dis"``, ``networks`` is the
         :class:`DisFlowNetworks` that runs F for Conv6)."""
         if isinstance(networks, DisFlowNetworks):
-            light: Networks = DisFlowNetworks(networks.inner, conv6=False)
+            light: Networks = DisFlowNetworks(networks.inner, conv6=False, size=networks.size)
         else:
             light = networks
         return cls(weights, networks, light, flow)

@@ -57,6 +57,9 @@ class ServiceSettings(BaseSettings):
     weights: str | None = Field(None, description="weights folder (default: the shipped weights)")
     backend: str = DEFAULT_BACKEND
     flow: str = DEFAULT_FLOW
+    dis_size: int | None = Field(
+        None, ge=16, le=1024, description="side of the face crops DIS sees (default: N's input, 256)"
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads for inference")
     scheduler: str = Field("fixed", description="default key scheduler of a new stream")
     knob: float | None = Field(None, description="the default scheduler's knob (tau, interval, ...)")

@@ -276,6 +276,16 @@ class WrappedNetworks(Networks):
         return np.array([self.dvsnet_fn(conv6)], dtype=np.float32)
 
 
+class AllSkinNetworks(WrappedNetworks):
+    """Real networks whose N_task says "skin" everywhere (so the whole crop is face)."""
+
+    def task(self, features: np.ndarray) -> np.ndarray:
+        self._called("task")
+        scores = np.zeros((features.shape[0], 5, *features.shape[2:]), np.float32)
+        scores[:, 1] = 1.0
+        return scores
+
+
 def constant_flow(networks: Networks, dx: float, dy: float, scale: float = 1.0) -> FlowResult:
     """A FlowResult with the same flow (feature-grid pixels, x first) everywhere, batch 1."""
     seg, flow = networks.segmentation_config, networks.flow_config

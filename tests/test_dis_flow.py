@@ -89,7 +89,7 @@ def test_dis_recovers_a_known_shift_with_the_warp_sign_convention() -> None:
     dx, dy = SHIFT
     current = _rolled(key, dx, dy)  # current(p) = key(p - shift): M_{i->k} = -shift
     other = _rolled(key, -2, 1)
-    dis = DisFlowNetworks(_FlowOnly(), conv6=False)
+    dis = DisFlowNetworks(_FlowOnly(), conv6=False, size=INPUT)
     result = dis.flow(np.stack((np.concatenate((current, key)), np.concatenate((other, key)))))
 
     assert result.flow.shape == (2, 2, GRID, GRID) and result.flow.dtype == np.float32
@@ -113,7 +113,7 @@ def test_dis_recovers_a_known_shift_with_the_warp_sign_convention() -> None:
 
 def test_dis_flow_is_zero_for_identical_frames_and_scale_is_one() -> None:
     image = _texture(seed=1)
-    result = DisFlowNetworks(_FlowOnly(), conv6=False).flow(np.concatenate((image, image))[None])
+    result = DisFlowNetworks(_FlowOnly(), conv6=False, size=INPUT).flow(np.concatenate((image, image))[None])
     assert np.abs(result.flow).max() < 0.05
     config = _FlowOnly().flow_config
     assert result.scale.shape == (1, config.scale_channels, GRID, GRID)
@@ -125,7 +125,7 @@ def test_dis_flow_is_zero_for_identical_frames_and_scale_is_one() -> None:
 
 def test_dis_rejects_pairs_that_are_not_pairs() -> None:
     with pytest.raises(ValueError, match="6"):
-        DisFlowNetworks(_FlowOnly(), conv6=False).flow(np.zeros((1, 3, INPUT, INPUT), np.float32))
+        DisFlowNetworks(_FlowOnly(), conv6=False, size=INPUT).flow(np.zeros((1, 3, INPUT, INPUT), np.float32))
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +145,9 @@ def test_conv6_comes_from_f_only_when_asked(inner: Networks) -> None:
     with one_torch_thread():
         expected = inner.flow(pair)
         counted = WrappedNetworks(inner)
-        without = DisFlowNetworks(counted, conv6=False).flow(pair)
+        without = DisFlowNetworks(counted, conv6=False, size=pair.shape[-1]).flow(pair)
         assert counted.calls["flow"] == 0  # F never runs
-        with_f = DisFlowNetworks(counted, conv6=True).flow(pair)
+        with_f = DisFlowNetworks(counted, conv6=True, size=pair.shape[-1]).flow(pair)
         assert counted.calls["flow"] == 1
     assert without.conv6.shape == expected.conv6.shape and not without.conv6.any()
     np.testing.assert_allclose(with_f.conv6, expected.conv6, rtol=1e-5, atol=1e-6)
@@ -167,10 +167,12 @@ def test_dis_on_larger_crops_keeps_grid_units_and_f_conv6(inner: Networks) -> No
     big = np.stack([cv2.resize(small[0].transpose(1, 2, 0), (big_side, big_side)).transpose(2, 0, 1)])
     wide = DisFlowNetworks(inner, conv6=True, size=big_side)
     assert wide.flow_input_size == big_side and wide.backend.endswith(f"+dis{big_side}")
-    assert DisFlowNetworks(inner, conv6=True).backend.endswith("+dis")
+    default = DisFlowNetworks(inner, conv6=True)  # N's crop size by default, and no size in the name
+    assert default.flow_input_size == inner.segmentation_config.input_size
+    assert default.backend.endswith("+dis")
     with one_torch_thread():
         at_big = wide.flow(big)
-        at_small = DisFlowNetworks(inner, conv6=True).flow(small)
+        at_small = DisFlowNetworks(inner, conv6=True, size=small.shape[-1]).flow(small)
     interior = (slice(None), slice(None), slice(4, -4), slice(4, -4))
     assert at_big.flow.shape == at_small.flow.shape
     for axis in (0, 1):  # the same motion in grid pixels at either input size
@@ -277,3 +279,25 @@ def test_cli_segment_with_dis_flow(videos_dir: Path, tmp_path_factory: pytest.Te
     assert report["frames"] == frames and report["keys"] == 2  # frames 0 and 3
     assert report["stages_ms"]["flow"]["count"] == frames - 2  # DIS on every non-key frame
     assert len(list((tmp / "masks").glob("*.png"))) == frames
+
+
+def test_segment_dis_size_reaches_the_flow(
+    videos_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``dis_size`` (``--dis-size``, ``FACESTREAM_DIS_SIZE``): DIS sees crops of that side."""
+    weights = random_weights(tmp_path_factory)
+    options = SegmentOptions(
+        source=str(videos_dir / "lp_d3.mp4"),
+        scheduler="fixed",
+        knob=3,
+        backend="torch",
+        weights=str(weights.directory),
+        max_frames=4,
+        threads=1,
+        progress=False,
+        flow="dis",
+        dis_size=48,
+    )
+    with one_torch_thread():
+        report = run_segment(options)
+    assert report["backend"] == "torch+dis48" and report["frames"] == 4

@@ -9,11 +9,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import FakeClip, clip_frames, networks, random_weights
+from helpers import AllSkinNetworks, FakeClip, clip_frames, constant_flow, networks, random_weights
 
 from facestream.cli import main
 from facestream.engines.face import Box
-from facestream.engines.networks import Networks
+from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.schedulers import make_scheduler
 from facestream.training.evaluation import (
     EvalConfig,
@@ -79,6 +79,33 @@ def test_predictions_resample_between_boxes(nets: Networks) -> None:
     assert (pred[:, :15] == 0).all() and (pred[:, 17:] == 1).all()
     same = builder.predictions(scores, [box], box)[0]
     assert (same == 1).all()
+
+
+@pytest.mark.parametrize("track", [True, False])
+def test_pair_builder_moves_each_keys_crop_like_the_pipeline(
+    nets: Networks, clip: FakeClip, track: bool
+) -> None:
+    """Each key's non-key crops follow the face by the pipeline's rule (one square per key), so
+    a table's gap-g entry is what the pipeline computes g frames after that key."""
+    flows = {0: (-1.0, 2.0), 1: (3.0, 0.0)}  # per key: the constant flow F reports
+    calls: list[int] = []
+
+    def flow_fn(pairs: np.ndarray, inner: Networks) -> FlowResult:
+        result = [constant_flow(inner, *flows[b % 2]) for b in range(len(pairs))]
+        calls.append(len(pairs))
+        return FlowResult(*(np.concatenate(parts) for parts in zip(*result, strict=True)))
+
+    builder = PairBuilder(AllSkinNetworks(nets, flow_fn=flow_fn), EvalConfig(track=track))
+    rgb = next(iter(clip.frames()))
+    boxes = [Box(10.0, 20.0, 74.0, 84.0), Box(0.0, 0.0, 40.0, 40.0)]
+    keys = [builder.key(rgb, b) for b in boxes]
+    for n in range(3):
+        _, _, cut = builder.warp(rgb, keys)
+        for (dx, dy), box, got in zip(flows.values(), boxes, cut, strict=True):
+            step = box.width / nets.segmentation_config.feature_size
+            sx, sy = (-dx * step * n, -dy * step * n) if track else (0.0, 0.0)
+            assert got == pytest.approx(Box(box.x0 + sx, box.y0 + sy, box.x1 + sx, box.y1 + sy))
+    assert calls == [2, 2, 2]
 
 
 def test_pair_table_layout(table: PairTable, clip: FakeClip, nets: Networks) -> None:

@@ -8,7 +8,15 @@ import av
 import numpy as np
 import pytest
 
-from facestream.engines.face import Box, CropConfig, FaceLocator, crop_square, paste_scores
+from facestream.engines.face import (
+    MAX_TRACK_SHIFT,
+    Box,
+    CropConfig,
+    FaceLocator,
+    crop_square,
+    paste_scores,
+    track_box,
+)
 
 
 def test_square_is_scale_times_mean_side_centred() -> None:
@@ -87,3 +95,39 @@ def test_no_face_in_noise_or_black(locator: FaceLocator) -> None:
     rng = np.random.default_rng(0)
     assert locator.detect(np.zeros((240, 320, 3), np.uint8)) is None
     assert locator.locate(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)) is None
+
+
+def _flow(grid: int, dx: float, dy: float) -> np.ndarray:
+    field = np.empty((2, grid, grid), np.float32)
+    field[0], field[1] = dx, dy
+    return field
+
+
+def test_track_box_moves_the_square_against_the_face_flow() -> None:
+    """Flow (current -> key) of (-2, +1) grid pixels on a 32-pixel grid over a 128-pixel square:
+    the face moved (+8, -4) frame pixels since the key, and so does the next square. The median
+    ignores a minority of pixels with a different flow; background pixels are not counted."""
+    box = Box(100.0, 50.0, 228.0, 178.0)
+    flow = _flow(32, -2.0, 1.0)
+    flow[:, :5] = 30.0  # an outlier band on face pixels
+    scores = np.zeros((5, 32, 32), np.float32)
+    scores[1] = 1.0  # skin everywhere ...
+    scores[0, :, 28:] = 2.0  # ... but the right border is background
+    flow[:, :, 28:] = -40.0  # (its flow must not count)
+    moved = track_box(box, box, flow, scores)
+    assert moved == pytest.approx(Box(108.0, 46.0, 236.0, 174.0))
+    # scores on a coarser grid than the flow are resized onto it
+    again = track_box(box, box, _flow(32, -2.0, 1.0), scores[:, ::2, ::2])
+    assert again == pytest.approx(Box(108.0, 46.0, 236.0, 174.0))
+
+
+def test_track_box_holds_without_a_face_and_caps_the_shift() -> None:
+    box = Box(0.0, 0.0, 100.0, 100.0)
+    background = np.zeros((5, 16, 16), np.float32)
+    background[0] = 1.0
+    assert track_box(box, box, _flow(16, 5.0, 5.0), background) == box
+    skin = np.zeros((5, 16, 16), np.float32)
+    skin[1] = 1.0
+    far = track_box(box, box, _flow(16, -16.0, 16.0), skin)  # a whole square's width in one frame
+    limit = MAX_TRACK_SHIFT * box.width
+    assert far == pytest.approx(Box(limit, -limit, 100.0 + limit, 100.0 - limit))

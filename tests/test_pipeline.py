@@ -16,6 +16,7 @@ import pytest
 from helpers import (
     CLIP,
     OTHER_CLIP,
+    AllSkinNetworks,
     WrappedNetworks,
     clip_frames,
     constant_flow,
@@ -24,9 +25,9 @@ from helpers import (
     one_torch_thread,
 )
 
-from facestream.engines.face import crop_square, paste_scores
-from facestream.engines.networks import FlowResult
-from facestream.engines.pipeline import FrameResult, StreamSegmenter, to_chw
+from facestream.engines.face import Box, crop_square, paste_scores
+from facestream.engines.networks import FlowResult, Networks
+from facestream.engines.pipeline import FrameResult, StreamSegmenter, flow_image, to_chw
 from facestream.engines.schedulers import make_scheduler
 
 BACKENDS = ["onnxruntime", "torch"]
@@ -268,6 +269,34 @@ def test_zero_flow_unit_scale_reproduces_the_key_mask(tmp_path_factory, frames, 
         assert same.box == key.box
         assert np.array_equal(same.mask, key.mask)
     assert wrapped.calls["warp"] == 3
+
+
+@pytest.mark.parametrize("track", [True, False])
+def test_non_key_crops_follow_the_face(tmp_path_factory, frames, track: bool) -> None:
+    """A face flow of (-1, +2) grid pixels per frame (current -> key): each non-key crop is cut
+    one frame's motion further along (the first one from the key's square); F sees that crop.
+    With ``track=False`` the key's square is held."""
+    inner = networks(tmp_path_factory)
+    seen: list[np.ndarray] = []
+
+    def flow_fn(pairs: np.ndarray, nets: Networks) -> FlowResult:
+        seen.append(pairs.copy())
+        return constant_flow(nets, -1.0, 2.0)
+
+    wrapped = AllSkinNetworks(inner, flow_fn=flow_fn)
+    segmenter = StreamSegmenter(wrapped, make_scheduler("fixed", 4), track=track)
+    results = [segmenter.step(frames[0]) for _ in range(5)]
+    assert keys_of(results) == [0, 4]
+    key = results[0].box
+    step = key.width / inner.segmentation_config.feature_size
+    for n, result in enumerate(results[1:4]):
+        dx, dy = (n * step, -2 * n * step) if track else (0.0, 0.0)
+        assert result.box == pytest.approx(Box(key.x0 + dx, key.y0 + dy, key.x1 + dx, key.y1 + dy))
+    assert results[4].box == key  # the next key locates the face anew
+    # F's current image for the third non-key frame is the crop of the moved square
+    size = inner.segmentation_config.input_size
+    expected = flow_image(crop_square(frames[0], results[3].box, size), inner.flow_input_size)
+    assert len(seen) == 3 and np.array_equal(seen[2][0, :3], expected)
 
 
 # --------------------------------------------------------------------------- stream isolation

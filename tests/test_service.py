@@ -73,6 +73,7 @@ def test_settings_precedence_file_env_arguments(tmp_path: Path, monkeypatch: pyt
         ('scheduler = "magic"', "scheduler must be one of"),
         ('scheduler = "fixed"\nknob = 0.5', "interval"),
         ("port = 70000", "port"),
+        ("dis_size = 8", "dis_size"),
         ('colour = "red"', "colour"),
         ("port = ", "not valid TOML"),
     ],
@@ -514,3 +515,14 @@ def test_worker_batches_key_frames_that_arrive_together(engine: ServiceEngine, v
         worker.stop()
     assert worker.key_batches == {3: 1}
     assert all(s.stats.keys == 1 for s in sessions) and bad.stats.frames == 0
+
+
+def test_engine_dis_size_applies_to_both_views(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``FACESTREAM_DIS_SIZE``: the networks with and without F's Conv6 both run DIS at that side."""
+    weights = random_weights(tmp_path_factory)
+    engine = ServiceEngine.load(str(weights.directory), "torch", "dis", 1, dis_size=48)
+    assert engine.with_conv6.flow_input_size == engine.without_conv6.flow_input_size == 48
+    assert engine.backend.endswith("+dis48")
+    default = ServiceEngine.load(str(weights.directory), "torch", "dis", 1)
+    size = default.with_conv6.segmentation_config.input_size
+    assert default.with_conv6.flow_input_size == default.without_conv6.flow_input_size == size

@@ -166,7 +166,12 @@ class EvaluateCommand:
             default=DEFAULT_FLOW,
             help="warp flow: learned F (flownet) or OpenCV DIS (dis; F still gives rl/dvsnet Conv6)",
         )
-        parser.add_argument("--dis-size", type=int, help="side of the crops DIS sees (default: F's input)")
+        parser.add_argument("--dis-size", type=int, help="side of the crops DIS sees (default: N's input)")
+        parser.add_argument(
+            "--no-track",
+            action="store_true",
+            help="hold each key's face square for its non-key frames (default: move it with the face)",
+        )
         parser.add_argument(
             "--teacher",
             choices=TEACHERS,
@@ -214,7 +219,7 @@ class EvaluateCommand:
                 policies=policies,
                 chosen_aki=args.aki,
                 timeline_clip=args.timeline_clip,
-                config=EvalConfig(max_gap=args.max_gap),
+                config=EvalConfig(max_gap=args.max_gap, track=not args.no_track),
                 cache=args.cache or args.out / "cache",
                 progress=not args.no_progress,
             )

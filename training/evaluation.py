@@ -8,7 +8,8 @@ How it works, and why it is fast enough for a full sweep on two cores:
    ``g > 0``: ``k``'s scores warped by F's flow and scale, exactly the pipeline's non-key path),
    plus what schedulers look at for that pair: F's Conv6 features and the mean flow magnitude.
    The face crop of a key is the teacher's 1.3x square of that key frame (the paper crops faces
-   by their landmarks), held for its non-key frames as the pipeline holds it.
+   by their landmarks); its non-key frames are cut from that square moved with the face by the
+   pipeline's own rule (``track_box``, one tracked square per key and gap), or held (``track=False``).
 2. **Replay**: each scheduler setting walks the episodes frame by frame with the engine's own
    scheduler classes; their questions (flow magnitude, DVSNet score, policy probability) are
    answered from the table. A walk that would exceed the gap limit ``G`` gets a forced key
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from facestream.engines.bench import time_ms
-from facestream.engines.face import Box, crop_square
+from facestream.engines.face import Box, crop_square, track_box
 from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.pipeline import flow_image, to_chw
 from facestream.engines.schedulers import (
@@ -70,12 +71,14 @@ TAU_GRID = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 class EvalConfig:
     """``max_gap``: the longest key-to-frame distance in the pair table (and the forced-key limit).
     ``eval_size``: side of the grid frames are scored on (default: N's input size).
-    ``batch``: frame pairs per F call."""
+    ``batch``: frame pairs per F call. ``track``: non-key crops follow the face as in the
+    pipeline (False: the key's square is held)."""
 
     max_gap: int = 90
     eval_size: int | None = None
     batch: int = 16
     window: int = WINDOW
+    track: bool = True
 
     def __post_init__(self) -> None:
         if self.max_gap < 1 or self.batch < 1:
@@ -165,6 +168,7 @@ class _Key:
     box: Box
     features: np.ndarray  # (1, C, h, w)
     flow_image: np.ndarray  # (3, Sf, Sf)
+    crop_box: Box  # where this key's next non-key frame is cropped (moved with the face)
 
 
 class PairBuilder:
@@ -180,16 +184,22 @@ class PairBuilder:
 
     def key(self, rgb: np.ndarray, box: Box) -> _Key:
         crop = crop_square(rgb, box, self.size)
-        return _Key(box, self.networks.features(to_chw(crop)[None]), flow_image(crop, self.flow_size))
+        features = self.networks.features(to_chw(crop)[None])
+        return _Key(box, features, flow_image(crop, self.flow_size), box)
 
-    def warp(self, rgb: np.ndarray, keys: Sequence[_Key]) -> tuple[np.ndarray, FlowResult]:
-        """Class scores (B, K, h, w) of frame ``rgb`` warped from each key (in each key's crop)."""
-        current = np.stack([flow_image(crop_square(rgb, k.box, self.size), self.flow_size) for k in keys])
+    def warp(self, rgb: np.ndarray, keys: Sequence[_Key]) -> tuple[np.ndarray, FlowResult, list[Box]]:
+        """Class scores (B, K, h, w) of frame ``rgb`` warped from each key, over the squares the
+        crops were cut from (returned); then each key's square moves on with the face."""
+        boxes = [k.crop_box for k in keys]
+        current = np.stack([flow_image(crop_square(rgb, b, self.size), self.flow_size) for b in boxes])
         key_images = np.stack([k.flow_image for k in keys])
         flow = self.networks.flow(np.concatenate((current, key_images), axis=1))
         features = np.concatenate([k.features for k in keys])
-        warped = self.networks.warp(features, flow.flow, flow.scale)
-        return self.networks.task(warped), flow
+        scores = self.networks.task(self.networks.warp(features, flow.flow, flow.scale))
+        if self.config.track:
+            for b, key in enumerate(keys):
+                key.crop_box = track_box(boxes[b], key.box, flow.flow[b], scores[b])
+        return scores, flow, boxes
 
     def predictions(self, scores: np.ndarray, key_boxes: Sequence[Box], box: Box) -> torch.Tensor:
         """(B, R, R) class ids on frame box ``box``'s eval grid from scores over each key's box."""
@@ -282,9 +292,9 @@ def _add_frame(
     for start in range(0, len(ks), builder.config.batch):
         chunk = ks[start : start + builder.config.batch]
         keys = [window[k] for k in chunk]
-        scores, flow = builder.warp(rgb, keys)
+        scores, flow, boxes = builder.warp(rgb, keys)
         gaps = [i - k for k in chunk]
-        pred = builder.predictions(scores, [k.box for k in keys], box)
+        pred = builder.predictions(scores, boxes, box)
         table.confusion[i, gaps] = confusions(pred, label)
         table.agreement[i, gaps] = (pred == own).float().mean(dim=(1, 2)).numpy()
         table.valid[i, gaps] = True

@@ -358,7 +358,7 @@ def _render_panels(
     wanted = set(frames)
     for r in chosen:
         for i in frames:
-            wanted.add(max(k for k in r["timeline"]["keys"] if k <= i))
+            wanted.update(range(max(k for k in r["timeline"]["keys"] if k <= i), i + 1))
     cache = {i: rgb for i, rgb in enumerate(clip.frames()) if i in wanted}
     panels = []
     for i in frames:
@@ -375,8 +375,11 @@ def _render_panels(
             k = max(k for k in r["timeline"]["keys"] if k <= i)
             kbox = clip.box(k)
             assert kbox is not None
-            scores, _ = builder.warp(cache[i], [builder.key(cache[k], kbox)])
-            pred = builder.predictions(scores, [kbox], box)[0].numpy().astype(np.uint8)
+            held = builder.key(cache[k], kbox)
+            scores, boxes = networks.task(held.features), [kbox]
+            for j in range(k + 1, i + 1):  # through every frame since the key: the crop follows the face
+                scores, _, boxes = builder.warp(cache[j], [held])
+            pred = builder.predictions(scores, boxes, box)[0].numpy().astype(np.uint8)
             images.append((f"{figures.series_label(r)} (AKI {r['aki']:.0f})", overlay(crop, pred)))
             gaps.append(f"{r['scheduler']} {i - k}")
         panels.append({"title": f"frame {i}\nkey back: " + ", ".join(gaps), "images": images})

@@ -157,6 +157,9 @@ def _tables_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_FLOW,
         help=f"warp flow of the tables (default: {DEFAULT_FLOW})",
     )
+    parser.add_argument(
+        "--no-track", action="store_true", help="tables with each key's face square held (not moved)"
+    )
 
 
 def _pair_tables(args: argparse.Namespace) -> tuple[list, str]:
@@ -169,12 +172,13 @@ def _pair_tables(args: argparse.Namespace) -> tuple[list, str]:
     manifest = load_manifest(args.manifest)
     progress = not args.no_progress
     clips = open_clips(manifest, args.set, teacher=args.teacher, labels_dir=args.labels, progress=progress)
-    config = EvalConfig(max_gap=args.max_gap)
+    config = EvalConfig(max_gap=args.max_gap, track=not args.no_track)
     fingerprint = weights.fingerprint(PAIR_NETWORKS)
     tables = [cached_pair_table(c, networks, fingerprint, config, args.cache, progress) for c in clips]
     source = (
         f"manifest {manifest.name}, set {args.set}, teacher {args.teacher} labels; "
         f"N+F weights {fingerprint}; warp flow {args.flow}"
+        + ("; key squares held" if args.no_track else "; non-key crops follow the face")
     )
     return tables, source
 
