@@ -9,7 +9,7 @@ from pathlib import Path
 
 from facestream.engines.backend_choice import BackendUnavailable
 from facestream.engines.backends import BACKENDS, CPU_BACKENDS, DEFAULT_BACKEND
-from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS
+from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS, add_dis_size_argument
 from facestream.engines.export import export_onnx
 from facestream.engines.schedulers import SCHEDULERS
 from facestream.engines.segment import SegmentOptions, run_segment
@@ -39,7 +39,7 @@ def _weights_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _flow_argument(parser: argparse.ArgumentParser, *, dis_size: bool = False) -> None:
+def _flow_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--flow",
         choices=FLOWS,
@@ -47,14 +47,6 @@ def _flow_argument(parser: argparse.ArgumentParser, *, dis_size: bool = False) -
         help="flow to warp by: flownet = the learned FlowNet2-s F; dis = OpenCV DIS optical flow "
         "(medium preset, no learned flow); the rl/dvsnet schedulers still use F's Conv6 features "
         f"(default: {DEFAULT_FLOW})",
-    )
-    if not dis_size:
-        return
-    parser.add_argument(
-        "--dis-size",
-        type=int,
-        help="side of the face crops DIS sees (default: N's input, 256; 128 costs about 3 ms less "
-        "per non-key frame and 0.6-1.5 mIoU points)",
     )
 
 
@@ -93,7 +85,8 @@ class SegmentCommand:
         )
         parser.add_argument("--tau", type=float, help="rl: key when pi(key|s) > tau (default 0.5)")
         parser.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND)
-        _flow_argument(parser, dis_size=True)
+        _flow_argument(parser)
+        add_dis_size_argument(parser)
         parser.add_argument("--size", type=int, help="face crop side in pixels (must match the weights)")
         _weights_argument(parser)
         parser.add_argument("--out", type=Path, metavar="VIDEO", help="write an overlay video (mp4)")

@@ -11,7 +11,7 @@ from pathlib import Path
 import uvicorn
 
 from facestream.engines.backends import BACKENDS
-from facestream.engines.dis_flow import FLOWS
+from facestream.engines.dis_flow import FLOWS, add_dis_size_argument
 from facestream.engines.schedulers import SCHEDULERS
 from facestream.engines.weights import WeightsError, find_weights
 from facestream.service.app import create_app
@@ -39,7 +39,7 @@ class ServeCommand:
         parser.add_argument("--weights", metavar="DIR", help="weights folder (default: the shipped ones)")
         parser.add_argument("--backend", choices=BACKENDS)
         parser.add_argument("--flow", choices=FLOWS)
-        parser.add_argument("--dis-size", type=int, help="side of the face crops DIS sees (default 256)")
+        add_dis_size_argument(parser)
         parser.add_argument("--threads", type=int, help="CPU threads for inference")
         parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default scheduler of a stream")
         parser.add_argument("--knob", type=float, help="the default scheduler's knob")

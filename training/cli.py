@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from facestream.engines.backends import BACKENDS, DEFAULT_BACKEND, create_networks
-from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS
+from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS, add_dis_size_argument
 from facestream.engines.schedulers import SCHEDULERS
 from facestream.engines.weights import WeightsError, find_weights
 from facestream.training.compare import compare_teachers
@@ -166,7 +166,7 @@ class EvaluateCommand:
             default=DEFAULT_FLOW,
             help="warp flow: learned F (flownet) or OpenCV DIS (dis; F still gives rl/dvsnet Conv6)",
         )
-        parser.add_argument("--dis-size", type=int, help="side of the crops DIS sees (default: N's input)")
+        add_dis_size_argument(parser)
         parser.add_argument(
             "--no-track",
             action="store_true",
