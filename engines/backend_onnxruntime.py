@@ -46,6 +46,7 @@ class OrtNetworks(Networks):
             _config(weights, "flow"),
             has_policy="policy" in self.sessions,
             has_dvsnet="dvsnet" in self.sessions,
+            policy_cues=_config(weights, "policy").cues if "policy" in self.sessions else (),
         )
 
     def _run(self, name: str, **inputs: np.ndarray) -> list[np.ndarray]:

@@ -195,6 +195,7 @@ class TensorRTNetworks(Networks):
             _config(weights, "flow"),
             has_policy="policy" in self.engines,
             has_dvsnet="dvsnet" in self.engines,
+            policy_cues=_config(weights, "policy").cues if "policy" in self.engines else (),
         )
         self.warp_impl = "engine"
         self.warp_note = "TensorRT warp engine"

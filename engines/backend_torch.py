@@ -37,6 +37,7 @@ class TorchNetworks(Networks):
             self.flow_net.config,
             has_policy=self.policy_net is not None,
             has_dvsnet=self.dvsnet_net is not None,
+            policy_cues=self.policy_net.config.cues if self.policy_net is not None else (),
         )
 
     def _in(self, array: np.ndarray) -> torch.Tensor:

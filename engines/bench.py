@@ -441,7 +441,8 @@ def _network_calls(
     small = networks.flow_input_size
     pair = np.concatenate((to_chw(_square(current, small)), to_chw(_square(key, small))))[None]
     flow = networks.flow(pair)
-    expert = np.array([[1 / 30, 10 / 90]], dtype=np.float32)
+    expert = np.zeros((1, networks.expert_size), dtype=np.float32)
+    expert[0, :2] = (1 / 30, 10 / 90)
     return {
         "flow": lambda: networks.flow(pair),
         "warp": lambda: networks.warp(features, flow.flow, flow.scale),

@@ -68,6 +68,7 @@ class DisFlowNetworks(Networks):
             inner.flow_config,
             has_policy=inner.has_policy,
             has_dvsnet=inner.has_dvsnet,
+            policy_cues=inner.policy_cues,
         )
         self.inner = inner
         self.conv6 = conv6

@@ -9,7 +9,7 @@ segmentation_features      image (B,3,S,S)                     features (B,C,S/4
 segmentation_task          features                            scores (B,K,S/4,S/4)
 flow                       pair (B,6,Sf,Sf)                    flow, scale, conv6
 warp                       features, flow, scale               warped
-policy                     conv6, expert (B,2)                 key_probability (B,)
+policy                     conv6, expert (B,2+cues)            key_probability (B,)
 dvsnet                     conv6                               score (B,)
 =========================  ==================================  ===============================
 """
@@ -93,11 +93,12 @@ def graph_specs(weights: WeightSet) -> list[GraphSpec]:
         ),
     ]
     if weights.has("policy"):
+        policy = weights.load("policy")
         specs.append(
             GraphSpec(
                 "policy",
-                _Policy(weights.load("policy")),
-                {"conv6": conv6, "expert": (1, 2)},
+                _Policy(policy),
+                {"conv6": conv6, "expert": (1, policy.config.expert_size)},
                 ("key_probability",),
             )
         )

@@ -32,6 +32,7 @@ class Networks(ABC):
         *,
         has_policy: bool,
         has_dvsnet: bool,
+        policy_cues: tuple[str, ...] = (),
     ) -> None:
         if flow.warp_size != segmentation.feature_size:
             raise ValueError(
@@ -47,6 +48,13 @@ class Networks(ABC):
         self.flow_config = flow
         self.has_policy = has_policy
         self.has_dvsnet = has_dvsnet
+        # The per-frame cues the key policy takes after [KAR, LKD] (PolicyConfig.cues; engines.cues)
+        self.policy_cues = tuple(policy_cues)
+
+    @property
+    def expert_size(self) -> int:
+        """Width of the policy's expert input: KAR, LKD and the cues."""
+        return 2 + len(self.policy_cues)
 
     @property
     def flow_input_size(self) -> int:
@@ -77,7 +85,8 @@ class Networks(ABC):
 
     @abstractmethod
     def key_probability(self, conv6: np.ndarray, expert: np.ndarray) -> np.ndarray:
-        """pi(a1 | s), (B,), from Conv6 features and expert info (B, 2) = [KAR, LKD/window]."""
+        """pi(a1 | s), (B,), from Conv6 features and expert info (B, 2 + len(policy_cues)) =
+        [KAR, LKD/window, *cues]."""
 
     @abstractmethod
     def dvsnet_score(self, conv6: np.ndarray) -> np.ndarray:

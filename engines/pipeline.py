@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from facestream.engines.cues import RESIDUAL_CUES, cue_vector, key_maps, warp_residuals
 from facestream.engines.face import Box, FaceLocator, crop_square, paste_scores, track_box
 from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.schedulers import (
@@ -27,6 +28,7 @@ from facestream.engines.schedulers import (
     DecisionHistory,
     Scheduler,
     check_scheduler,
+    mean_flow_magnitude,
 )
 
 
@@ -54,6 +56,14 @@ class _KeyCache:
     crop_box: Box  # where the next non-key crop is cut (the key's square, moved with the face)
     features: np.ndarray  # (1, C, S/4, S/4) f_k
     flow_image: np.ndarray  # (3, Sf, Sf) I_k at the flow network's input size, [0, 1]
+    scores: np.ndarray | None = None  # (K, S/4, S/4) the key's class scores
+    maps: np.ndarray | None = None  # engines.cues.key_maps of the key, made when a cue needs them
+
+    def cue_maps(self) -> np.ndarray:
+        if self.maps is None:
+            assert self.scores is not None
+            self.maps = key_maps(self.flow_image, self.scores)
+        return self.maps
 
 
 @dataclass
@@ -188,17 +198,31 @@ class StreamSegmenter:
             return self._key(frame, timer, None, start)
         cache = self._cache
         flow_memo: list[FlowResult] = []
+        current: list[np.ndarray] = []  # the current crop as flow input
 
         def flow() -> FlowResult:
             """F on (current crop, key crop), computed once, and only when someone asks."""
             if not flow_memo:
                 with timer.stage("crop"):
                     crop = crop_square(frame, cache.crop_box, self.input_size)
+                    current.append(self._flow_image(crop))
                 with timer.stage("flow"):
-                    flow_memo.append(self._flow(crop, cache))
+                    pair = np.concatenate((current[0], cache.flow_image))[None]
+                    flow_memo.append(self.networks.flow(pair))
             return flow_memo[0]
 
-        ctx = DecisionContext(index, self.history, self.networks, flow)
+        def cues() -> np.ndarray:
+            """The policy's cues of this frame (engines.cues), from the flow and the key's cache."""
+            names = self.networks.policy_cues
+            result = flow()
+            seg = self.networks.segmentation_config
+            magnitude = mean_flow_magnitude(result.flow, seg.input_size / seg.feature_size)
+            residual = None
+            if any(n in RESIDUAL_CUES for n in names):
+                residual = warp_residuals(cache.cue_maps()[None], current[0][None], result.flow)
+            return cue_vector(names, magnitude, residual)
+
+        ctx = DecisionContext(index, self.history, self.networks, flow, cues)
         with timer.stage("policy"):
             decision = self.scheduler.decide(ctx)
         timer.timings["policy"] -= timer.timings.get("flow", 0.0) + timer.timings.get("crop", 0.0)
@@ -208,10 +232,6 @@ class StreamSegmenter:
 
     def _flow_image(self, crop: np.ndarray) -> np.ndarray:
         return flow_image(crop, self.networks.flow_input_size)
-
-    def _flow(self, crop: np.ndarray, cache: _KeyCache) -> FlowResult:
-        pair = np.concatenate((self._flow_image(crop), cache.flow_image))[None]
-        return self.networks.flow(pair)
 
     def _key(
         self, frame: np.ndarray, timer: _Timer, value: float | None, start: float
@@ -228,7 +248,10 @@ class StreamSegmenter:
         request.timer.timings["key"] = request.timer.timings.get("key", 0.0) + key_ms
         self._cache = _KeyCache(request.square, request.square, features, self._flow_image(request.crop))
         self.history.record(True)
-        result, _ = self._finish(request.frame, features, request.square, True, request.timer, request.value)
+        result, scores = self._finish(
+            request.frame, features, request.square, True, request.timer, request.value
+        )
+        self._cache.scores = scores
         result.index = request.index
         result.timings["total"] = (time.perf_counter() - request.start) * 1e3
         return result

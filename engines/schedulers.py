@@ -72,12 +72,15 @@ class DecisionContext:
     pipeline reuses it for the warp when the frame turns out non-key. The other questions
     (``flow_magnitude``, ``dvsnet_score``, ``key_probability``) are answered from that flow; the
     offline evaluation replays them from its per-pair cache instead (``training.evaluation``).
+    ``_cues()``, when given, returns the (1, n) cues a policy with ``networks.policy_cues`` takes
+    (:mod:`facestream.engines.cues`).
     """
 
     index: int
     history: DecisionHistory
     networks: Networks
     _flow: Callable[[], FlowResult]
+    _cues: Callable[[], np.ndarray] | None = None
 
     def flow(self) -> FlowResult:
         return self._flow()
@@ -91,8 +94,17 @@ class DecisionContext:
         return float(self.networks.dvsnet_score(self.flow().conv6)[0])
 
     def key_probability(self) -> float:
-        """pi(a1 | s) for s = (Conv6 features to the key, the history's [KAR, LKD/window])."""
-        return float(self.networks.key_probability(self.flow().conv6, self.history.expert())[0])
+        """pi(a1 | s) for s = (Conv6 features to the key, the history's [KAR, LKD/window] and the
+        policy's cues, if it takes any)."""
+        expert = self.history.expert()
+        if self.networks.policy_cues:
+            if self._cues is None:
+                raise ValueError(
+                    f"this policy takes the cues {self.networks.policy_cues}, which this caller "
+                    "does not provide"
+                )
+            expert = np.concatenate((expert, self._cues()), axis=1)
+        return float(self.networks.key_probability(self.flow().conv6, expert)[0])
 
 
 def mean_flow_magnitude(flow: np.ndarray, stride: float) -> np.ndarray:

@@ -170,8 +170,10 @@ def write_random_weights(
     flow: FlowConfig | None = None,
     *,
     seed: int = 0,
+    policy_cues: tuple[str, ...] = (),
 ) -> WeightSet:
     """Randomly initialised weights for all four networks -- for tests and speed benchmarks only.
+    ``policy_cues``: the cues the random policy takes (PolicyConfig.cues).
 
     Every file's model card says ``"trained": false`` so that nobody mistakes them for a model.
     """
@@ -185,7 +187,7 @@ def write_random_weights(
     configs = {
         "segmentation": segmentation,
         "flow": flow,
-        "policy": PolicyConfig(in_channels=six[0], conv6_size=six[1]),
+        "policy": PolicyConfig(in_channels=six[0], conv6_size=six[1], cues=policy_cues),
         "dvsnet": DVSNetConfig(in_channels=six[0], conv6_size=six[1]),
     }
     torch.manual_seed(seed)

@@ -127,11 +127,29 @@ class PolicyConfig:
     # Conv0. F's Conv6 activations are small (std ~0.02 on faces), which leaves a fresh trunk
     # blind to them: the policy then learns from its biases and the expert inputs alone.
     normalize_input: bool = False
+    # Extra per-frame inputs next to [KAR, LKD] (names from POLICY_CUES; engines.cues computes
+    # them): the expert vector becomes [KAR, LKD/window, *cues], the cues standardised inside
+    # the network by buffers set from the training data. () is the paper's state.
+    cues: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check(len(self.fc_sizes) == 3, f"fc_sizes needs 3 sizes, got {self.fc_sizes}")
         _check(self.window > 0, f"window must be positive, got {self.window}")
+        object.__setattr__(self, "cues", tuple(self.cues))  # JSON round trips give lists
+        _check(
+            all(c in POLICY_CUES for c in self.cues) and len(set(self.cues)) == len(self.cues),
+            f"cues must be distinct names from {POLICY_CUES}, got {self.cues}",
+        )
         _check_sizes(self, ("in_channels", "conv6_size", "conv0_channels"))
+
+    @property
+    def expert_size(self) -> int:
+        """Width of the expert input: KAR, LKD and the cues."""
+        return 2 + len(self.cues)
+
+
+# The policy cues a model may take (engines.cues says what each one measures).
+POLICY_CUES = ("magnitude", "residual_face", "residual_parts")
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,15 @@ class KeyPolicy(nn.Module):
 
     Conv0 (96 channels) on D -> FC0 1024 -> FC1 1024 -> FC2 128 -> concat [KAR, LKD] (130) ->
     FC3 -> 2 logits (index 0: non-key a0, index 1: key a1).
+
+    With ``config.cues`` the expert input is [KAR, LKD, *cues] (FC3 sees 130 + len(cues)); each
+    cue is standardised by ``cue_mean`` / ``cue_scale`` (set from the training data) first.
     """
 
     conv6_mean: torch.Tensor  # buffers, present when config.normalize_input
     conv6_scale: torch.Tensor
+    cue_mean: torch.Tensor  # buffers, present when config.cues
+    cue_scale: torch.Tensor
 
     def __init__(self, config: PolicyConfig | None = None) -> None:
         super().__init__()
@@ -27,10 +32,13 @@ class KeyPolicy(nn.Module):
         self.fc0 = nn.Linear(flat, fc0)
         self.fc1 = nn.Linear(fc0, fc1)
         self.fc2 = nn.Linear(fc1, fc2)
-        self.fc3 = nn.Linear(fc2 + 2, 2)
+        self.fc3 = nn.Linear(fc2 + config.expert_size, 2)
         if config.normalize_input:
             self.register_buffer("conv6_mean", torch.zeros(config.in_channels))
             self.register_buffer("conv6_scale", torch.ones(config.in_channels))
+        if config.cues:
+            self.register_buffer("cue_mean", torch.zeros(len(config.cues)))
+            self.register_buffer("cue_scale", torch.ones(len(config.cues)))
 
     def set_input_statistics(self, conv6: torch.Tensor) -> None:
         """Per-channel mean and 1/std of Conv6 features (N, C, s, s) for the input standardisation."""
@@ -40,8 +48,17 @@ class KeyPolicy(nn.Module):
         self.conv6_mean.copy_(values.mean(dim=1))
         self.conv6_scale.copy_(1.0 / values.std(dim=1).clamp_min(1e-6))
 
+    def set_cue_statistics(self, cues: torch.Tensor) -> None:
+        """Mean and 1/std of the cues (N, len(cues)) over the training pairs."""
+        if not self.config.cues:
+            raise ValueError("this policy takes no cues")
+        values = cues.double()
+        self.cue_mean.copy_(values.mean(dim=0).float())
+        self.cue_scale.copy_((1.0 / values.std(dim=0).clamp_min(1e-6)).float())
+
     def forward(self, conv6: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-        """Logits (B, 2) from Conv6 features (B, C, s, s) and expert info (B, 2) = [KAR, LKD/window]."""
+        """Logits (B, 2) from Conv6 features (B, C, s, s) and expert info (B, E) = [KAR,
+        LKD/window, *cues] (E = ``config.expert_size``)."""
         return self.head(self.trunk(conv6), expert)
 
     def trunk(self, conv6: torch.Tensor) -> torch.Tensor:
@@ -61,10 +78,15 @@ class KeyPolicy(nn.Module):
         return torch.relu(self.fc2(x))
 
     def head(self, trunk: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-        """FC3 on [trunk (B, 128), expert (B, 2)] -> logits (B, 2)."""
-        if expert.dim() != 2 or expert.shape[1] != 2:
-            raise ValueError(f"KeyPolicy expects expert info (B,2), got {tuple(expert.shape)}")
-        return self.fc3(torch.cat((trunk, expert.to(trunk.dtype)), dim=1))
+        """FC3 on [trunk (B, 128), expert (B, E)] -> logits (B, 2)."""
+        size = self.config.expert_size
+        if expert.dim() != 2 or expert.shape[1] != size:
+            raise ValueError(f"KeyPolicy expects expert info (B,{size}), got {tuple(expert.shape)}")
+        expert = expert.to(trunk.dtype)
+        if self.config.cues:
+            cues = (expert[:, 2:] - self.cue_mean.to(trunk.dtype)) * self.cue_scale.to(trunk.dtype)
+            expert = torch.cat((expert[:, :2], cues), dim=1)
+        return self.fc3(torch.cat((trunk, expert), dim=1))
 
     def key_probability(self, conv6: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """pi(a1 | s), shape (B,)."""
@@ -74,4 +96,11 @@ class KeyPolicy(nn.Module):
         """FC3's weights on the KAR and LKD inputs towards the key logit minus the non-key logit
         (the quantity of the paper's Fig. 3, bottom row): tensor([w_KAR, w_LKD])."""
         w = self.fc3.weight.detach()
-        return (w[1, -2:] - w[0, -2:]).clone()
+        at = self.config.fc_sizes[2]
+        return (w[1, at : at + 2] - w[0, at : at + 2]).clone()
+
+    def cue_weights(self) -> torch.Tensor:
+        """FC3's weights on the standardised cues towards key minus non-key, in ``config.cues`` order."""
+        w = self.fc3.weight.detach()
+        at = self.config.fc_sizes[2] + 2
+        return (w[1, at:] - w[0, at:]).clone()

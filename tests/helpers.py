@@ -73,9 +73,11 @@ def random_weights(
     backbone: str = "mobilenet_v2",
     input_size: int = SIZE,
     without: tuple[str, ...] = (),
+    policy_cues: tuple[str, ...] = (),
 ) -> WeightSet:
-    """Random weights for a small config (memoised); ``without`` drops optional networks."""
-    key = (split, backbone, input_size, tuple(sorted(without)))
+    """Random weights for a small config (memoised); ``without`` drops optional networks;
+    ``policy_cues``: the cues the random policy takes."""
+    key = (split, backbone, input_size, tuple(sorted(without)), policy_cues)
     if key not in _weights:
         if without:
             full = random_weights(factory, split=split, backbone=backbone, input_size=input_size)
@@ -87,7 +89,7 @@ def random_weights(
         else:
             directory = factory.mktemp(f"weights-{backbone}-{split}-{input_size}")
             config = SegmentationConfig(backbone=backbone, input_size=input_size, split=split)
-            _weights[key] = write_random_weights(directory, config)
+            _weights[key] = write_random_weights(directory, config, policy_cues=policy_cues)
     return _weights[key]
 
 
@@ -234,6 +236,7 @@ class WrappedNetworks(Networks):
             inner.flow_config,
             has_policy=inner.has_policy,
             has_dvsnet=inner.has_dvsnet,
+            policy_cues=inner.policy_cues,
         )
         self.inner = inner
         self.backend = f"wrapped-{inner.backend}"

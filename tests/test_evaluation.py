@@ -9,9 +9,18 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import AllSkinNetworks, FakeClip, clip_frames, constant_flow, networks, random_weights
+from helpers import (
+    AllSkinNetworks,
+    FakeClip,
+    build_networks,
+    clip_frames,
+    constant_flow,
+    networks,
+    random_weights,
+)
 
 from facestream.cli import main
+from facestream.engines.cues import CUES
 from facestream.engines.face import Box
 from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.schedulers import make_scheduler
@@ -98,9 +107,9 @@ def test_pair_builder_moves_each_keys_crop_like_the_pipeline(
     builder = PairBuilder(AllSkinNetworks(nets, flow_fn=flow_fn), EvalConfig(track=track))
     rgb = next(iter(clip.frames()))
     boxes = [Box(10.0, 20.0, 74.0, 84.0), Box(0.0, 0.0, 40.0, 40.0)]
-    keys = [builder.key(rgb, b) for b in boxes]
+    keys = [builder.key(rgb, b)[0] for b in boxes]
     for n in range(3):
-        _, _, cut = builder.warp(rgb, keys)
+        _, _, cut, _ = builder.warp(rgb, keys)
         for (dx, dy), box, got in zip(flows.values(), boxes, cut, strict=True):
             step = box.width / nets.segmentation_config.feature_size
             sx, sy = (-dx * step * n, -dy * step * n) if track else (0.0, 0.0)
@@ -180,6 +189,22 @@ def test_policy_replay_matches_the_network(
     for i, gap in [(3, 1), (7, 4), (12, 2)]:
         conv6 = table.conv6[i, gap][None].astype(np.float32)
         expected = float(nets.key_probability(conv6, expert)[0])
+        assert policy.probability("fake", i, gap, expert) == pytest.approx(expected, abs=1e-4)
+
+
+def test_policy_replay_folds_in_the_cues(table: PairTable, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A policy with cues: the replay adds the table's cues of each pair, as the pipeline would."""
+    weights = random_weights(tmp_path_factory, input_size=SIZE, policy_cues=CUES)
+    nets = build_networks(tmp_path_factory, weights, "onnxruntime")
+    policy = PolicyReplay(weights.paths["policy"], [table])
+    assert policy.cues == CUES
+    assert (table.residual[:, 1:][table.valid[:, 1:]] > 0).any()  # the builder filled them in
+    expert = np.array([[0.25, 0.5]], np.float32)
+    for i, gap in [(3, 1), (7, 4), (12, 2)]:
+        conv6 = table.conv6[i, gap][None].astype(np.float32)
+        full = np.concatenate((expert, table.cues(CUES)[i, gap][None]), axis=1)
+        assert full[0, 2] == table.magnitude[i, gap] and full[0, 4] == table.residual[i, gap, 1]
+        expected = float(nets.key_probability(conv6, full)[0])
         assert policy.probability("fake", i, gap, expert) == pytest.approx(expected, abs=1e-4)
 
 

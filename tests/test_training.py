@@ -172,9 +172,10 @@ def test_train_flow_both_stages(clip: FakeClip, tmp_path: Path) -> None:
     assert isinstance(load_network(path), FlowNet2S)
 
 
-def _tables(seed: int = 0, frames: int = 120, gaps: int = 30) -> list[PairTable]:
+def _tables(seed: int = 0, frames: int = 120, gaps: int = 30, flag: str = "conv6") -> list[PairTable]:
     """Synthetic tables: warping decays with the gap, and much faster on 'moving' frames, which
-    Conv6 channel 0 flags -- a policy that reads it can place keys where they pay."""
+    Conv6 channel 0 flags -- a policy that reads it can place keys where they pay. ``flag="cue"``:
+    the parts residual flags them instead and Conv6 is noise."""
     rng = np.random.default_rng(seed)
     tables = []
     for n in range(2):
@@ -188,7 +189,11 @@ def _tables(seed: int = 0, frames: int = 120, gaps: int = 30) -> list[PairTable]
         valid = np.ones((frames, gaps + 1), dtype=bool)
         valid[np.arange(frames)[:, None] < g] = False
         conv6 = rng.normal(0, 0.1, (frames, gaps + 1, 8, 2, 2)).astype(np.float16)
-        conv6[:, :, 0] += (moving[:, None] * 3.0)[..., None, None].astype(np.float16)
+        residual = rng.normal(0.05, 0.01, (frames, gaps + 1, 2)).astype(np.float32)
+        if flag == "conv6":
+            conv6[:, :, 0] += (moving[:, None] * 3.0)[..., None, None].astype(np.float16)
+        else:
+            residual[:, :, 1] += 0.2 * moving[:, None] * (g > 0)
         tables.append(
             PairTable(
                 f"t{n}",
@@ -198,6 +203,7 @@ def _tables(seed: int = 0, frames: int = 120, gaps: int = 30) -> list[PairTable]
                 np.zeros((frames, gaps + 1), np.float32),
                 conv6,
                 np.ones((frames, gaps + 1), np.float32),
+                residual,
             )
         )
     return tables
@@ -367,3 +373,35 @@ def test_pair_tables_are_keyed_on_n_and_f_only(tmp_path: Path) -> None:
     (tmp_path / "policy.safetensors").write_bytes((tmp_path / "other" / "policy.safetensors").read_bytes())
     after = find_weights(tmp_path)
     assert after.fingerprint(PAIR_NETWORKS) == before[0] and after.fingerprint() != before[1]
+
+
+def test_reinforce_learns_from_a_cue(tmp_path: Path) -> None:
+    """With Conv6 blind to the moving frames and the parts residual flagging them, a policy that
+    takes that cue learns to key on it; its decisions were fed the table's cue of each pair."""
+    tables = _tables(flag="cue")
+    config = PolicyTrainConfig(
+        eta=0.1,
+        episodes=240,
+        trials=8,
+        batch_episodes=8,
+        episode_len=60,
+        window=30,
+        lr=3e-4,
+        entropy=0.01,
+        cues=("residual_parts",),
+    )
+    policy = KeyPolicy(policy_config_for(tables, 30, cues=config.cues))
+    trainer = PolicyTrainer(config, tables, policy)
+    roll, _, _ = trainer.rollout([trainer.sample_episode() for _ in range(2)])
+    for (table, frame, gap), expert in zip(roll.pair, roll.expert, strict=True):
+        assert len(expert) == 3 and expert[2] == pytest.approx(tables[table].residual[frame, gap, 1])
+    with one_torch_thread():
+        path = train_policy(config, tables, tmp_path, progress=False)
+    policy = load_network(path)
+    assert isinstance(policy, KeyPolicy) and policy.config.cues == ("residual_parts",)
+    assert float(policy.cue_mean[0]) == pytest.approx(0.08, abs=0.02)  # statistics of the tables
+    conv6 = torch.zeros(2, 8, 2, 2)
+    expert = torch.tensor([[0.0, 0.3, 0.05], [0.0, 0.3, 0.25]])
+    with torch.no_grad():
+        calm, moving = policy.key_probability(conv6, expert).tolist()
+    assert moving > calm

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from facestream.engines.bench import time_ms
+from facestream.engines.cues import RESIDUAL_CUES, key_maps, warp_residuals
 from facestream.engines.face import Box, crop_square, track_box
 from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.pipeline import flow_image, to_chw
@@ -61,6 +62,9 @@ from facestream.training.oracle import Oracle
 
 NUM_CLASSES = 5
 PAIR_NETWORKS = ("segmentation", "flow")  # what a pair table depends on (its cache key's weights)
+# Bumped when the pair table gains or changes a column, so that older cached tables are rebuilt
+# (2: the warp residuals).
+TABLE_FORMAT = 2
 SCHEDULER_NAMES = ("always", "fixed", "random", "flow", "dvsnet", "rl")
 FIXED_GRID = (2, 3, 5, 10, 15, 20, 30, 45, 60, 90)
 QUANTILES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -123,6 +127,7 @@ class PairTable:
     magnitude: np.ndarray  # (T, G+1) float32, mean flow magnitude in N-input pixels
     conv6: np.ndarray  # (T, G+1, C6, s, s) float16
     agreement: np.ndarray  # (T, G+1) float32 pixel accuracy of the warped mask vs the frame's own key mask
+    residual: np.ndarray  # (T, G+1, 2) float32 warp residuals (engines.cues.RESIDUAL_CUES), 0 at g = 0
 
     @property
     def frames(self) -> int:
@@ -159,8 +164,22 @@ class PairTable:
         with np.load(path) as data:
             return cls(
                 str(data["clip_id"]),
-                *(data[k] for k in ("scored", "valid", "confusion", "magnitude", "conv6", "agreement")),
+                *(
+                    data[k]
+                    for k in ("scored", "valid", "confusion", "magnitude", "conv6", "agreement", "residual")
+                ),
             )
+
+    def cues(self, names: Sequence[str]) -> np.ndarray:
+        """(T, G+1, len(names)) the policy cues of every pair (engines.cues.CUES order as named)."""
+        columns = [
+            self.magnitude if n == "magnitude" else self.residual[..., RESIDUAL_CUES.index(n)] for n in names
+        ]
+        return (
+            np.stack(columns, axis=-1).astype(np.float32)
+            if columns
+            else np.zeros((*self.valid.shape, 0), np.float32)
+        )
 
 
 @dataclass
@@ -169,6 +188,13 @@ class _Key:
     features: np.ndarray  # (1, C, h, w)
     flow_image: np.ndarray  # (3, Sf, Sf)
     crop_box: Box  # where this key's next non-key frame is cropped (moved with the face)
+    maps: np.ndarray | None = None  # (3, h, w) engines.cues.key_maps, set once its scores are known
+
+
+def _maps(key: _Key) -> np.ndarray:
+    if key.maps is None:
+        raise ValueError("a key's cue maps are set by PairBuilder.key")
+    return key.maps
 
 
 class PairBuilder:
@@ -182,24 +208,32 @@ class PairBuilder:
         self.eval_size = config.eval_size or seg.input_size
         self.stride = seg.input_size / seg.feature_size
 
-    def key(self, rgb: np.ndarray, box: Box) -> _Key:
+    def key(self, rgb: np.ndarray, box: Box) -> tuple[_Key, np.ndarray]:
+        """A key frame's cache entry and its (1, K, h, w) class scores."""
         crop = crop_square(rgb, box, self.size)
         features = self.networks.features(to_chw(crop)[None])
-        return _Key(box, features, flow_image(crop, self.flow_size), box)
+        key = _Key(box, features, flow_image(crop, self.flow_size), box)
+        scores = self.networks.task(features)
+        key.maps = key_maps(key.flow_image, scores[0])
+        return key, scores
 
-    def warp(self, rgb: np.ndarray, keys: Sequence[_Key]) -> tuple[np.ndarray, FlowResult, list[Box]]:
+    def warp(
+        self, rgb: np.ndarray, keys: Sequence[_Key]
+    ) -> tuple[np.ndarray, FlowResult, list[Box], np.ndarray]:
         """Class scores (B, K, h, w) of frame ``rgb`` warped from each key, over the squares the
-        crops were cut from (returned); then each key's square moves on with the face."""
+        crops were cut from (returned), and the warp residuals (B, 2) (:mod:`engines.cues`); then
+        each key's square moves on with the face."""
         boxes = [k.crop_box for k in keys]
         current = np.stack([flow_image(crop_square(rgb, b, self.size), self.flow_size) for b in boxes])
         key_images = np.stack([k.flow_image for k in keys])
         flow = self.networks.flow(np.concatenate((current, key_images), axis=1))
         features = np.concatenate([k.features for k in keys])
         scores = self.networks.task(self.networks.warp(features, flow.flow, flow.scale))
+        residual = warp_residuals(np.stack([_maps(k) for k in keys]), current, flow.flow)
         if self.config.track:
             for b, key in enumerate(keys):
                 key.crop_box = track_box(boxes[b], key.box, flow.flow[b], scores[b])
-        return scores, flow, boxes
+        return scores, flow, boxes, residual
 
     def predictions(self, scores: np.ndarray, key_boxes: Sequence[Box], box: Box) -> torch.Tensor:
         """(B, R, R) class ids on frame box ``box``'s eval grid from scores over each key's box."""
@@ -255,6 +289,7 @@ def build_pair_table(
         np.zeros((count, gaps), dtype=np.float32),
         np.zeros((count, gaps, six.conv6_channels, six.conv6_size, six.conv6_size), dtype=np.float16),
         np.zeros((count, gaps), dtype=np.float32),
+        np.zeros((count, gaps, len(RESIDUAL_CUES)), dtype=np.float32),
     )
     window: OrderedDict[int, _Key] = OrderedDict()
     for i, (rgb, box, label) in enumerate(tqdm(frames, desc=f"pairs {clip.clip_id}", disable=not progress)):
@@ -282,8 +317,7 @@ def _add_frame(
     box: Box,
     label: torch.Tensor,
 ) -> None:
-    key = builder.key(rgb, box)
-    scores = builder.networks.task(key.features)
+    key, scores = builder.key(rgb, box)
     own = builder.predictions(scores, [box], box)
     table.confusion[i, 0] = confusions(own, label)[0]
     table.valid[i, 0] = True
@@ -292,7 +326,7 @@ def _add_frame(
     for start in range(0, len(ks), builder.config.batch):
         chunk = ks[start : start + builder.config.batch]
         keys = [window[k] for k in chunk]
-        scores, flow, boxes = builder.warp(rgb, keys)
+        scores, flow, boxes, residual = builder.warp(rgb, keys)
         gaps = [i - k for k in chunk]
         pred = builder.predictions(scores, boxes, box)
         table.confusion[i, gaps] = confusions(pred, label)
@@ -300,6 +334,7 @@ def _add_frame(
         table.valid[i, gaps] = True
         table.magnitude[i, gaps] = mean_flow_magnitude(flow.flow, builder.stride)
         table.conv6[i, gaps] = flow.conv6.astype(np.float16)
+        table.residual[i, gaps] = residual
     window[i] = key
 
 
@@ -317,7 +352,9 @@ def cached_pair_table(
     if cache is None:
         return build_pair_table(clip, networks, config, progress=progress)
     conv6 = getattr(networks, "conv6", True)  # DIS flow without F leaves Conv6 empty
-    key = json.dumps([clip_identity(clip), fingerprint, asdict(config), networks.backend, conv6])
+    key = json.dumps(
+        [clip_identity(clip), fingerprint, asdict(config), networks.backend, conv6, TABLE_FORMAT]
+    )
     path = cache / f"{clip.clip_id}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if path.is_file():
         return PairTable.load(path)
@@ -330,8 +367,9 @@ def cached_pair_table(
 
 
 class PolicyReplay:
-    """A trained key policy answered from cached Conv6 features: the trunk runs once per pair,
-    FC3 per decision (``pi(a1) = sigmoid(a + w_KAR * KAR + w_LKD * LKD/window)``)."""
+    """A trained key policy answered from cached Conv6 features (and cues): the trunk runs once
+    per pair, FC3 per decision (``pi(a1) = sigmoid(a + w_KAR * KAR + w_LKD * LKD/window)``, where
+    ``a`` holds the trunk's and the cues' part)."""
 
     def __init__(self, path: Path, tables: Sequence[PairTable]) -> None:
         self.path = path
@@ -340,25 +378,28 @@ class PolicyReplay:
             raise ValueError(f"{path} is not a key policy")
         card = json.loads(read_metadata(path).get("card", "{}"))
         self.eta: float | None = card.get("eta")
-        weight, bias = policy.fc3.weight.detach(), policy.fc3.bias.detach()
-        diff = (weight[1] - weight[0]).double().numpy()
-        self._w_state, self._w_expert = diff[:-2], diff[-2:]
-        self._b = float(bias[1] - bias[0])
+        self.cues = policy.config.cues
+        self._w_expert = policy.expert_weights().double().numpy()
         self.base = {t.clip_id: self._base(policy, t) for t in tables}
 
     @torch.inference_mode()
     def _base(self, policy: KeyPolicy, table: PairTable) -> np.ndarray:
+        """Key minus non-key logit of every valid pair at KAR = LKD = 0."""
         base = np.zeros(table.valid.shape, dtype=np.float64)
         index = np.nonzero(table.valid[:, 1:])
         conv6 = table.conv6[:, 1:][index]
+        cues = table.cues(self.cues)[:, 1:][index]
         for start in range(0, len(conv6), 512):
-            trunk = policy.trunk(torch.from_numpy(conv6[start : start + 512].astype(np.float32)))
-            rows = (index[0][start : start + 512], index[1][start : start + 512] + 1)
-            base[rows] = trunk.double().numpy() @ self._w_state + self._b
+            stop = start + 512
+            trunk = policy.trunk(torch.from_numpy(conv6[start:stop].astype(np.float32)))
+            expert = np.concatenate((np.zeros((len(trunk), 2), np.float32), cues[start:stop]), axis=1)
+            logits = policy.head(trunk, torch.from_numpy(expert)).double()
+            rows = (index[0][start:stop], index[1][start:stop] + 1)
+            base[rows] = (logits[:, 1] - logits[:, 0]).numpy()
         return base
 
     def probability(self, clip_id: str, i: int, gap: int, expert: np.ndarray) -> float:
-        logit = self.base[clip_id][i, gap] + float(expert[0] @ self._w_expert)
+        logit = self.base[clip_id][i, gap] + float(expert[0, :2] @ self._w_expert)
         return float(1.0 / (1.0 + np.exp(-logit)))
 
 
@@ -455,7 +496,9 @@ def replay(
                 if gap > table.max_gap:
                     key, walk.forced = True, walk.forced + 1
                 else:
-                    ctx = ReplayContext(i, history, networks, _no_flow, table, gap, policy, scores)
+                    ctx = ReplayContext(
+                        i, history, networks, _no_flow, table=table, gap=gap, policy=policy, dvsnet=scores
+                    )
                     key = scheduler.decide(ctx).key
                 if key:
                     walk.key(table, i, last)
@@ -518,7 +561,8 @@ def measure_costs(networks: Networks, repeats: int = 15) -> StageCosts:
     pair = rng.random((1, 6, side, side), dtype=np.float32)
     features = networks.features(image)
     flow = networks.flow(pair)
-    expert = np.array([[0.1, 0.5]], dtype=np.float32)
+    expert = np.zeros((1, networks.expert_size), dtype=np.float32)
+    expert[0, :2] = (0.1, 0.5)
 
     def timed(fn: Callable[[], object]) -> float:
         return float(time_ms(fn, repeats)["median_ms"])

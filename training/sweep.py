@@ -368,17 +368,17 @@ def _render_panels(
         crop = crop_square(cache[i], box, builder.eval_size)
         label = crop_square(clip.label(i), box, builder.eval_size, nearest=True)
         images = [("frame", crop), ("teacher label", overlay(crop, label))]
-        key = builder.key(cache[i], box)
-        own = builder.predictions(networks.task(key.features), [box], box)[0].numpy().astype(np.uint8)
+        _, own_scores = builder.key(cache[i], box)
+        own = builder.predictions(own_scores, [box], box)[0].numpy().astype(np.uint8)
         images.append(("per-frame N", overlay(crop, own)))
         for r in chosen:
             k = max(k for k in r["timeline"]["keys"] if k <= i)
             kbox = clip.box(k)
             assert kbox is not None
-            held = builder.key(cache[k], kbox)
-            scores, boxes = networks.task(held.features), [kbox]
+            held, scores = builder.key(cache[k], kbox)
+            boxes = [kbox]
             for j in range(k + 1, i + 1):  # through every frame since the key: the crop follows the face
-                scores, _, boxes = builder.warp(cache[j], [held])
+                scores, _, boxes, _ = builder.warp(cache[j], [held])
             pred = builder.predictions(scores, boxes, box)[0].numpy().astype(np.uint8)
             images.append((f"{figures.series_label(r)} (AKI {r['aki']:.0f})", overlay(crop, pred)))
             gaps.append(f"{r['scheduler']} {i - k}")

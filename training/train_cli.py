@@ -8,8 +8,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS
+from facestream.models.config import POLICY_CUES
 from facestream.training.manifest import DEFAULT_TEACHER, ManifestError, load_manifest, open_clips
 from facestream.training.runs import RunError, set_threads
+
+
+def _cue_list(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in POLICY_CUES]
+    if unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"cues must be distinct names from {', '.join(POLICY_CUES)}, got {text!r}"
+        )
+    return names
 
 
 def _common(parser: argparse.ArgumentParser, out: str) -> None:
@@ -252,6 +263,14 @@ def _policy(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], i
         "--init-trunk", metavar="DVSNET", help="start Conv0/FC0 from a trained DVSNet head (.safetensors)"
     )
     p.add_argument("--freeze-trunk", action="store_true", help="keep the --init-trunk layers fixed")
+    p.add_argument(
+        "--cues",
+        type=_cue_list,
+        default=d.cues,
+        metavar="NAMES",
+        help="comma-separated per-frame cues added to the state next to [KAR, LKD] (from "
+        f"{', '.join(POLICY_CUES)}; default: none, the paper's state)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
 
     def run(args: argparse.Namespace) -> int:
@@ -273,6 +292,7 @@ def _policy(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], i
             normalize_input=args.normalize_input,
             init_trunk=args.init_trunk,
             freeze_trunk=args.freeze_trunk,
+            cues=args.cues,
             seed=args.seed,
         )
         path = train_policy(

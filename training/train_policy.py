@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from facestream.engines.weights import load_network, save_network
 from facestream.models import DVSNetHead, KeyPolicy
-from facestream.models.config import DVSNetConfig, PolicyConfig
+from facestream.models.config import POLICY_CUES, DVSNetConfig, PolicyConfig
 from facestream.training.evaluation import PairTable
 from facestream.training.runs import (
     append_log,
@@ -84,6 +84,9 @@ class PolicyTrainConfig:
     # the warped frame's quality; ``freeze_trunk`` keeps them fixed (REINFORCE trains FC1-FC3).
     init_trunk: str | None = None
     freeze_trunk: bool = False
+    # Per-frame cues next to [KAR, LKD] in the state (PolicyConfig.cues; engines.cues): () is the
+    # paper's state.
+    cues: tuple[str, ...] = ()
     seed: int = 0
     checkpoint_every: int = 10  # updates
 
@@ -92,6 +95,10 @@ class PolicyTrainConfig:
             raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
         if not 0 < self.eta < 1:
             raise ValueError(f"eta is a key-all ratio in (0, 1), got {self.eta}")
+        object.__setattr__(self, "cues", tuple(self.cues))
+        unknown = [c for c in self.cues if c not in POLICY_CUES]
+        if unknown:
+            raise ValueError(f"unknown cues {unknown}; choose from {POLICY_CUES}")
 
 
 @dataclass
@@ -103,9 +110,12 @@ class _Table:
     key_reward: np.ndarray  # (T, G+1) reward of a key at frame i with the last key g back
     skip_reward: np.ndarray  # (T, G+1) reward of a non-key at frame i with the last key g back
     runs: list[tuple[int, int]]
+    cues: np.ndarray  # (T, G+1, len(cues)) float32
 
 
-def _prepare(tables: Sequence[PairTable], reward: str, scale: float = 1.0) -> list[_Table]:
+def _prepare(
+    tables: Sequence[PairTable], reward: str, scale: float = 1.0, cues: Sequence[str] = ()
+) -> list[_Table]:
     prepared = []
     for t in tables:
         skip = np.zeros(t.valid.shape)
@@ -128,6 +138,7 @@ def _prepare(tables: Sequence[PairTable], reward: str, scale: float = 1.0) -> li
                 (gain * scale).astype(np.float64),
                 (skip * scale).astype(np.float64),
                 runs,
+                t.cues(cues),
             )
         )
     if not any(p.runs for p in prepared):
@@ -143,7 +154,7 @@ class _Rollout:
     trial: list[int] = dataclasses.field(default_factory=list)
     step: list[int] = dataclasses.field(default_factory=list)
     pair: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (table, frame, gap)
-    expert: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    expert: list[tuple[float, ...]] = dataclasses.field(default_factory=list)  # [KAR, LKD, *cues]
     action: list[int] = dataclasses.field(default_factory=list)
     reward: list[float] = dataclasses.field(default_factory=list)
 
@@ -151,7 +162,7 @@ class _Rollout:
 class PolicyTrainer:
     def __init__(self, config: PolicyTrainConfig, tables: Sequence[PairTable], policy: KeyPolicy) -> None:
         self.config, self.policy = config, policy
-        self.tables = _prepare(tables, config.reward, config.reward_scale)
+        self.tables = _prepare(tables, config.reward, config.reward_scale, config.cues)
         lengths = np.array([sum(b - a for a, b in t.runs) for t in self.tables], dtype=np.float64)
         self.table_weights = lengths / lengths.sum()
         self.rng = np.random.default_rng(config.seed)
@@ -207,8 +218,12 @@ class PolicyTrainer:
             if len(decide):
                 kar = history[decide].sum(axis=1) / np.minimum(filled[decide], c.window)
                 lkd = np.minimum(gap[decide], c.window) / c.window
-                expert = np.stack((kar, lkd), axis=1).astype(np.float32)
                 pairs = [(int(table_of[j]), int(frame[j]), int(gap[j])) for j in decide]
+                cue_rows = np.array([self.tables[t].cues[f, g] for t, f, g in pairs], dtype=np.float32)
+                expert = np.concatenate(
+                    (np.stack((kar, lkd), axis=1).astype(np.float32), cue_rows.reshape(len(decide), -1)),
+                    axis=1,
+                )
                 prob = self._probabilities(pairs, expert)
                 guarded = np.clip(prob, 1 - c.epsilon, c.epsilon)
                 action = self.rng.random(len(decide)) < guarded
@@ -221,7 +236,7 @@ class PolicyTrainer:
                     out.trial.append(int(j))
                     out.step.append(t)
                     out.pair.append(pairs[m])
-                    out.expert.append((float(expert[m, 0]), float(expert[m, 1])))
+                    out.expert.append(tuple(float(v) for v in expert[m]))
                     out.action.append(int(action[m]))
                     out.reward.append(float(gain))
             slot = head[idx] % c.window
@@ -327,12 +342,21 @@ def init_trunk_from_dvsnet(policy: KeyPolicy, path: str | Path, freeze: bool = F
 
 
 def policy_config_for(
-    tables: Sequence[PairTable], window: int = 90, normalize_input: bool = False
+    tables: Sequence[PairTable], window: int = 90, normalize_input: bool = False, cues: Sequence[str] = ()
 ) -> PolicyConfig:
     shape = tables[0].conv6.shape
     return PolicyConfig(
-        in_channels=shape[2], conv6_size=shape[3], window=window, normalize_input=normalize_input
+        in_channels=shape[2],
+        conv6_size=shape[3],
+        window=window,
+        normalize_input=normalize_input,
+        cues=tuple(cues),
     )
+
+
+def cue_sample(tables: Sequence[PairTable], cues: Sequence[str]) -> torch.Tensor:
+    """The cues (N, len(cues)) of every valid pair with gap >= 1 (for their standardisation)."""
+    return torch.from_numpy(np.concatenate([t.cues(cues)[:, 1:][t.valid[:, 1:]] for t in tables]))
 
 
 def conv6_sample(tables: Sequence[PairTable], count: int = 20000, seed: int = 0) -> torch.Tensor:
@@ -359,9 +383,11 @@ def train_policy(
     """REINFORCE over the pair tables; writes ``out/policy.safetensors`` and the Fig. 3 plot."""
     open_run(out, config, fresh=fresh)
     seed_everything(config.seed)
-    policy = KeyPolicy(policy_config_for(tables, config.window, config.normalize_input))
+    policy = KeyPolicy(policy_config_for(tables, config.window, config.normalize_input, config.cues))
     if config.normalize_input:
         policy.set_input_statistics(conv6_sample(tables))
+    if config.cues:
+        policy.set_cue_statistics(cue_sample(tables, config.cues))
     if config.init_trunk:
         init_trunk_from_dvsnet(policy, config.init_trunk, config.freeze_trunk)
     optimizer = rmsprop(policy, config)
