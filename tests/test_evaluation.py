@@ -300,3 +300,17 @@ def test_comparison_interpolates_each_schedulers_best_curve() -> None:
     [c] = comparison(rows, [30.0])
     assert c["per_frame"] == 0.8 and c["rl_share"] == pytest.approx((c["rl"] - 0.6) / (0.72 - 0.6))
     assert "| 30 |" in comparison_table([c]) and "—" in comparison_table([c])
+
+
+def test_subsampled_table_is_the_clip_played_faster(table: PairTable) -> None:
+    fast = table.subsample(2, 1)
+    assert fast.clip_id == "fake@2x1" and fast.frames == len(range(1, table.frames, 2))
+    assert fast.max_gap == table.max_gap // 2
+    for i, g in [(0, 0), (2, 1), (4, 2), (5, 1)]:
+        assert fast.valid[i, g] == table.valid[1 + 2 * i, 2 * g]
+        assert np.array_equal(fast.confusion[i, g], table.confusion[1 + 2 * i, 2 * g])
+        assert np.array_equal(fast.residual[i, g], table.residual[1 + 2 * i, 2 * g])
+        assert np.array_equal(fast.conv6[i, g], table.conv6[1 + 2 * i, 2 * g])
+    assert table.subsample(1) is not table and np.array_equal(table.subsample(1).valid, table.valid)
+    with pytest.raises(ValueError, match="offset"):
+        table.subsample(2, 2)

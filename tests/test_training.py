@@ -28,6 +28,7 @@ from facestream.training.train_policy import (
     DVSNetTrainConfig,
     PolicyTrainConfig,
     PolicyTrainer,
+    faster,
     init_trunk_from_dvsnet,
     policy_config_for,
     rmsprop,
@@ -405,3 +406,22 @@ def test_reinforce_learns_from_a_cue(tmp_path: Path) -> None:
     with torch.no_grad():
         calm, moving = policy.key_probability(conv6, expert).tolist()
     assert moving > calm
+
+
+def test_frame_rate_augmentation_forces_keys_at_each_tables_own_gap_limit() -> None:
+    """strides=(1, 3): the 3x tables (gaps up to 10 here) sit beside the 1x ones (up to 30); a
+    policy that never keys is forced to at each table's own limit."""
+    tables = faster(_tables(), (1, 3))
+    assert len(tables) == 2 + 2 * 3 and {t.max_gap for t in tables} == {30, 10}
+    config = PolicyTrainConfig(eta=0.5, trials=2, batch_episodes=8, episode_len=40, strides=(1, 3))
+    policy = KeyPolicy(policy_config_for(tables, config.window))
+    with torch.no_grad():
+        policy.fc3.bias[:] = torch.tensor([30.0, -30.0])  # never "key" (the guard still explores)
+        policy.fc3.weight.zero_()
+    trainer = PolicyTrainer(config, tables, policy)
+    roll, _, _ = trainer.rollout([trainer.sample_episode() for _ in range(8)])
+    for table, _, gap in roll.pair:
+        assert 1 <= gap <= tables[table].max_gap
+    assert max(g for t, _, g in roll.pair if tables[t].max_gap == 10) == 10
+    with pytest.raises(ValueError, match="strides"):
+        PolicyTrainConfig(strides=(0,))

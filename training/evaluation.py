@@ -115,6 +115,8 @@ def miou(confusion: np.ndarray) -> np.ndarray | float:
 
 # ----------------------------------------------------------------------------- pair table
 
+PAIR_COLUMNS = ("valid", "confusion", "magnitude", "conv6", "agreement", "residual")  # (T, G+1, ...)
+
 
 @dataclass
 class PairTable:
@@ -148,6 +150,20 @@ class PairTable:
                 start = None
         return runs
 
+    def subsample(self, stride: int, offset: int = 0) -> PairTable:
+        """The table of the clip played ``stride`` times faster (frames offset, offset+stride, ...):
+        its gap g is this table's gap stride x g, so gaps go up to max_gap // stride. (The crops
+        of the faster clip are the ones the pipeline tracked at the original frame rate.)"""
+        if stride < 1 or not 0 <= offset < stride:
+            raise ValueError(f"need stride >= 1 and 0 <= offset < stride, got {stride}, {offset}")
+        frames = slice(offset, None, stride)
+        gaps = slice(0, self.max_gap + 1, stride)
+        return PairTable(
+            f"{self.clip_id}@{stride}x{offset}" if stride > 1 else self.clip_id,
+            self.scored[frames],
+            *(getattr(self, name)[frames, gaps] for name in PAIR_COLUMNS),
+        )
+
     def frame_miou(self) -> np.ndarray:
         """(T, G+1) per-frame mIoU, -inf where the pair is missing."""
         values = np.asarray(miou(self.confusion), dtype=np.float64)
@@ -162,13 +178,7 @@ class PairTable:
     @classmethod
     def load(cls, path: Path) -> PairTable:
         with np.load(path) as data:
-            return cls(
-                str(data["clip_id"]),
-                *(
-                    data[k]
-                    for k in ("scored", "valid", "confusion", "magnitude", "conv6", "agreement", "residual")
-                ),
-            )
+            return cls(str(data["clip_id"]), data["scored"], *(data[k] for k in PAIR_COLUMNS))
 
     def cues(self, names: Sequence[str]) -> np.ndarray:
         """(T, G+1, len(names)) the policy cues of every pair (engines.cues.CUES order as named)."""

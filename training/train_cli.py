@@ -23,6 +23,16 @@ def _cue_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def _stride_list(text: str) -> tuple[int, ...]:
+    try:
+        strides = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"strides are comma-separated whole numbers, got {text!r}") from None
+    if not strides or min(strides) < 1:
+        raise argparse.ArgumentTypeError(f"strides must be >= 1, got {text!r}")
+    return strides
+
+
 def _common(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--manifest", default="default", help="manifest JSON or 'default' (../shared/data)")
     parser.add_argument(
@@ -271,6 +281,14 @@ def _policy(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], i
         help="comma-separated per-frame cues added to the state next to [KAR, LKD] (from "
         f"{', '.join(POLICY_CUES)}; default: none, the paper's state)",
     )
+    p.add_argument(
+        "--strides",
+        type=_stride_list,
+        default=d.strides,
+        metavar="N,N",
+        help="frame-rate augmentation: also learn from the tables played N times faster (e.g. 1,2,3; "
+        "default 1: as recorded)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
 
     def run(args: argparse.Namespace) -> int:
@@ -293,6 +311,7 @@ def _policy(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], i
             init_trunk=args.init_trunk,
             freeze_trunk=args.freeze_trunk,
             cues=args.cues,
+            strides=args.strides,
             seed=args.seed,
         )
         path = train_policy(

@@ -87,6 +87,9 @@ class PolicyTrainConfig:
     # Per-frame cues next to [KAR, LKD] in the state (PolicyConfig.cues; engines.cues): () is the
     # paper's state.
     cues: tuple[str, ...] = ()
+    # Frame-rate augmentation: also learn from every table played 2x, 3x, ... faster (each offset;
+    # PairTable.subsample), so that the policy sees faster motion than the training clips have.
+    strides: tuple[int, ...] = (1,)
     seed: int = 0
     checkpoint_every: int = 10  # updates
 
@@ -96,6 +99,9 @@ class PolicyTrainConfig:
         if not 0 < self.eta < 1:
             raise ValueError(f"eta is a key-all ratio in (0, 1), got {self.eta}")
         object.__setattr__(self, "cues", tuple(self.cues))
+        object.__setattr__(self, "strides", tuple(self.strides))
+        if not self.strides or min(self.strides) < 1 or len(set(self.strides)) != len(self.strides):
+            raise ValueError(f"strides must be distinct whole numbers >= 1, got {self.strides}")
         unknown = [c for c in self.cues if c not in POLICY_CUES]
         if unknown:
             raise ValueError(f"unknown cues {unknown}; choose from {POLICY_CUES}")
@@ -193,6 +199,7 @@ class PolicyTrainer:
         ep_of = np.repeat(np.arange(len(episodes)), k)
         spec = np.array(episodes, dtype=np.int64).reshape(-1, 3)[ep_of]
         table_of, start_of, length_of = spec[:, 0], spec[:, 1].copy(), spec[:, 2]
+        max_gaps = np.array([t.valid.shape[1] - 1 for t in self.tables])
         history = np.zeros((n, c.window), dtype=bool)  # ring buffer of the last decisions (key?)
         filled = np.ones(n, dtype=np.int64)  # the episode's first frame is a key, as in the engine
         history[:, 0] = True
@@ -210,9 +217,9 @@ class PolicyTrainer:
             frame = start_of + t
             gap = frame - last_key
             idx = np.nonzero(alive)[0]
-            max_gap = self.tables[0].valid.shape[1] - 1
-            forced = idx[gap[idx] > max_gap]
-            decide = idx[gap[idx] <= max_gap]
+            over_gap = gap[idx] > max_gaps[table_of[idx]]  # each table's own longest gap
+            forced = idx[over_gap]
+            decide = idx[~over_gap]
             keys = np.zeros(n, dtype=bool)
             keys[forced] = True
             if len(decide):
@@ -371,6 +378,11 @@ def conv6_sample(tables: Sequence[PairTable], count: int = 20000, seed: int = 0)
     )
 
 
+def faster(tables: Sequence[PairTable], strides: Sequence[int]) -> list[PairTable]:
+    """Every table at each stride (all offsets): the clips played 1x, 2x, ... faster."""
+    return [t.subsample(s, o) for s in strides for t in tables for o in range(s)]
+
+
 def train_policy(
     config: PolicyTrainConfig,
     tables: Sequence[PairTable],
@@ -383,6 +395,7 @@ def train_policy(
     """REINFORCE over the pair tables; writes ``out/policy.safetensors`` and the Fig. 3 plot."""
     open_run(out, config, fresh=fresh)
     seed_everything(config.seed)
+    tables = faster(tables, config.strides)
     policy = KeyPolicy(policy_config_for(tables, config.window, config.normalize_input, config.cues))
     if config.normalize_input:
         policy.set_input_statistics(conv6_sample(tables))
