@@ -56,7 +56,8 @@ train-all: teacher-mediapipe ## reproduce models/weights from scratch (about 2 h
 	$(BIN)/facestream train ship --runs $(RUNS) --out models/weights  # the policies start from this DVSNet head
 	for eta in $(ETAS); do \
 		$(BIN)/facestream train policy --weights models/weights --eta $$eta --episodes 4800 \
-			--init-trunk models/weights/dvsnet.safetensors --freeze-trunk --out $(RUNS)/policy-eta$$eta --threads 2 || exit 1; \
+			--init-trunk models/weights/dvsnet.safetensors --freeze-trunk --cues residual_face,residual_parts \
+			--out $(RUNS)/policy-eta$$eta --threads 2 || exit 1; \
 	done
 	$(BIN)/facestream train ship --runs $(RUNS) --out models/weights --etas "$$(echo $(ETAS) | tr ' ' ,)"
 

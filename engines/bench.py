@@ -275,7 +275,8 @@ def _cut_expert_feedback(weights: WeightSet) -> None:
     """
     policy = weights.load("policy")
     with torch.no_grad():
-        policy.fc3.weight[:, -2:] = 0.0
+        at = policy.config.fc_sizes[2]  # FC3's inputs: [FC2 (at), KAR, LKD, cues...]
+        policy.fc3.weight[:, at : at + 2] = 0.0
     save_network(policy, weights.paths["policy"], {"trained": False, "note": "bench: expert inputs cut"})
 
 

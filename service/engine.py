@@ -96,7 +96,8 @@ class ServiceEngine:
         result = self.with_conv6.flow(rng.random((1, 6, fsize, fsize), dtype=np.float32))
         self.with_conv6.warp(features, result.flow, result.scale)
         if self.with_conv6.has_policy:
-            self.with_conv6.key_probability(result.conv6, np.zeros((1, 2), np.float32))
+            expert = np.zeros((1, self.with_conv6.expert_size), np.float32)
+            self.with_conv6.key_probability(result.conv6, expert)
         if self.with_conv6.has_dvsnet:
             self.with_conv6.dvsnet_score(result.conv6)
         self.info["warm_up_seconds"] = round(time.perf_counter() - start, 3)

@@ -526,3 +526,17 @@ def test_engine_dis_size_applies_to_both_views(tmp_path_factory: pytest.TempPath
     default = ServiceEngine.load(str(weights.directory), "torch", "dis", 1)
     size = default.with_conv6.segmentation_config.input_size
     assert default.with_conv6.flow_input_size == default.without_conv6.flow_input_size == size
+
+
+def test_engine_serves_a_policy_that_takes_cues(
+    tmp_path_factory: pytest.TempPathFactory, videos_dir: Path
+) -> None:
+    """Weights whose policy takes cues (PolicyConfig.cues): the warm-up feeds it the wider expert
+    input, and an rl stream runs through the shared networks."""
+    weights = random_weights(tmp_path_factory, policy_cues=("magnitude", "residual_parts"))
+    engine = ServiceEngine.load(str(weights.directory), "onnxruntime", "dis", 1)
+    engine.warm_up()
+    assert engine.with_conv6.policy_cues == ("magnitude", "residual_parts")
+    segmenter = engine.segmenter(make_scheduler("rl", 0.5))
+    results = [segmenter.step(frame) for frame in clip_frames(videos_dir, count=4)]
+    assert all(r.face for r in results) and all(r.value is not None for r in results[1:] if not r.key)
