@@ -4,6 +4,10 @@ For every frame: ask the scheduler (which may run F on the face crop), then eith
 (key: the face box is located anew and the cache refreshed) or warp the cached key features by F's
 flow (non-key). F runs only when the scheduler or the warp needs it, and at most once per frame.
 
+Whatever the scheduler says, a frame whose last key is more than ``max_key_distance`` frames back
+(90: the decision window, and the evaluation's gap limit) is a key: a learnt policy that has settled into
+"never key" on a calm video cannot leave a stream on one stale key frame.
+
 Non-key crops are cut from the key's square moved with the face (``track``, the default): after
 each non-key frame the square shifts by the face's median flow (:func:`track_box`), so a face that
 moves fast stays inside the crop. With ``track=False`` the key's square is held until the next key.
@@ -145,8 +149,12 @@ class StreamSegmenter:
         *,
         window: int = WINDOW,
         track: bool = True,
+        max_key_distance: int | None = WINDOW,
     ) -> None:
         check_scheduler(scheduler, networks)
+        if max_key_distance is not None and max_key_distance < 1:
+            raise ValueError(f"max_key_distance must be >= 1 frame (or None), got {max_key_distance}")
+        self.max_key_distance = max_key_distance
         self.networks = networks
         self.scheduler = scheduler
         self.locator = locator or FaceLocator()
@@ -222,6 +230,9 @@ class StreamSegmenter:
                 residual = warp_residuals(cache.cue_maps()[None], current[0][None], result.flow)
             return cue_vector(names, magnitude, residual)
 
+        distance = self.history.distance
+        if self.max_key_distance is not None and distance is not None and distance > self.max_key_distance:
+            return self._key(frame, timer, None, start)  # forced: the key is too old
         ctx = DecisionContext(index, self.history, self.networks, flow, cues)
         with timer.stage("policy"):
             decision = self.scheduler.decide(ctx)

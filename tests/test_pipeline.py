@@ -327,3 +327,19 @@ def test_two_streams_sharing_networks_are_isolated(
         assert all(np.array_equal(g.mask, w.mask) for g, w in zip(got, want, strict=True))
         assert [r.value for r in got] == pytest.approx([r.value for r in want])
     assert expected[0][0].mask.shape != expected[1][0].mask.shape  # two different clips
+
+
+def test_a_key_is_forced_when_the_last_one_is_too_old(tmp_path_factory, frames) -> None:
+    """A scheduler that never keys (an rl policy settled on "never" for a calm video): the
+    pipeline keys anyway once the last key is more than max_key_distance frames back, as the
+    evaluation does at its gap limit; the default limit is the 90-frame decision window."""
+    inner = networks(tmp_path_factory)
+    never = WrappedNetworks(inner, key_probability_fn=lambda conv6, expert: 0.0)
+    segmenter = StreamSegmenter(never, make_scheduler("rl", 0.5), max_key_distance=3)
+    results = [segmenter.step(frames[0]) for _ in range(9)]
+    assert keys_of(results) == [0, 4, 8]
+    assert results[4].value is None and results[3].value == 0.0  # forced, not decided
+    assert never.calls["key_probability"] == 6
+    assert StreamSegmenter(never, make_scheduler("rl", 0.5)).max_key_distance == 90
+    with pytest.raises(ValueError, match="max_key_distance"):
+        StreamSegmenter(never, make_scheduler("fixed"), max_key_distance=0)
