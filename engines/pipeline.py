@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from facestream.engines.cues import RESIDUAL_CUES, cue_vector, key_maps, warp_residuals
+from facestream.engines.cues import key_maps, warp_residuals
 from facestream.engines.face import Box, FaceLocator, crop_square, paste_scores, track_box
 from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.schedulers import (
@@ -32,7 +32,6 @@ from facestream.engines.schedulers import (
     DecisionHistory,
     Scheduler,
     check_scheduler,
-    mean_flow_magnitude,
 )
 
 
@@ -219,21 +218,15 @@ class StreamSegmenter:
                     flow_memo.append(self.networks.flow(pair))
             return flow_memo[0]
 
-        def cues() -> np.ndarray:
-            """The policy's cues of this frame (engines.cues), from the flow and the key's cache."""
-            names = self.networks.policy_cues
-            result = flow()
-            seg = self.networks.segmentation_config
-            magnitude = mean_flow_magnitude(result.flow, seg.input_size / seg.feature_size)
-            residual = None
-            if any(n in RESIDUAL_CUES for n in names):
-                residual = warp_residuals(cache.cue_maps()[None], current[0][None], result.flow)
-            return cue_vector(names, magnitude, residual)
+        def residuals() -> np.ndarray:
+            """The warp residuals of this frame (engines.cues), from the flow and the key's cache."""
+            field = flow().flow  # runs F first (it also cuts the current crop)
+            return warp_residuals(cache.cue_maps()[None], current[0][None], field)
 
         distance = self.history.distance
         if self.max_key_distance is not None and distance is not None and distance > self.max_key_distance:
             return self._key(frame, timer, None, start)  # forced: the key is too old
-        ctx = DecisionContext(index, self.history, self.networks, flow, cues)
+        ctx = DecisionContext(index, self.history, self.networks, flow, residuals)
         with timer.stage("policy"):
             decision = self.scheduler.decide(ctx)
         timer.timings["policy"] -= timer.timings.get("flow", 0.0) + timer.timings.get("crop", 0.0)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from facestream.engines.cues import RESIDUAL_CUES, cue_vector
 from facestream.engines.networks import FlowResult, Networks
 
 WINDOW = 90
@@ -72,15 +73,15 @@ class DecisionContext:
     pipeline reuses it for the warp when the frame turns out non-key. The other questions
     (``flow_magnitude``, ``dvsnet_score``, ``key_probability``) are answered from that flow; the
     offline evaluation replays them from its per-pair cache instead (``training.evaluation``).
-    ``_cues()``, when given, returns the (1, n) cues a policy with ``networks.policy_cues`` takes
-    (:mod:`facestream.engines.cues`).
+    ``_residuals()``, when given, returns the frame's (1, 2) warp residuals, which a policy that
+    takes cues (``networks.policy_cues``, :mod:`facestream.engines.cues`) may need.
     """
 
     index: int
     history: DecisionHistory
     networks: Networks
     _flow: Callable[[], FlowResult]
-    _cues: Callable[[], np.ndarray] | None = None
+    _residuals: Callable[[], np.ndarray] | None = None
 
     def flow(self) -> FlowResult:
         return self._flow()
@@ -98,13 +99,18 @@ class DecisionContext:
         policy's cues, if it takes any)."""
         expert = self.history.expert()
         if self.networks.policy_cues:
-            if self._cues is None:
-                raise ValueError(
-                    f"this policy takes the cues {self.networks.policy_cues}, which this caller "
-                    "does not provide"
-                )
-            expert = np.concatenate((expert, self._cues()), axis=1)
+            expert = np.concatenate((expert, self.cues()), axis=1)
         return float(self.networks.key_probability(self.flow().conv6, expert)[0])
+
+    def cues(self) -> np.ndarray:
+        """(1, n) the cues the policy takes, in its order (:mod:`facestream.engines.cues`)."""
+        names = self.networks.policy_cues
+        residual = None
+        if any(n in RESIDUAL_CUES for n in names):
+            if self._residuals is None:
+                raise ValueError(f"this policy takes the cues {names}; this caller has no warp residuals")
+            residual = self._residuals()
+        return cue_vector(names, np.array([self.flow_magnitude()]), residual)
 
 
 def mean_flow_magnitude(flow: np.ndarray, stride: float) -> np.ndarray:

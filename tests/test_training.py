@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -304,20 +305,28 @@ def test_policy_trunk_from_a_dvsnet_head(tmp_path: Path) -> None:
         init_trunk_from_dvsnet(KeyPolicy(PolicyConfig(in_channels=16, conv6_size=2)), path)
 
 
+def _small_reinforce(**changes: Any) -> PolicyTrainConfig:
+    """A REINFORCE run that the synthetic tables teach in seconds."""
+    return PolicyTrainConfig(
+        **{
+            "eta": 0.1,
+            "episodes": 240,
+            "trials": 8,
+            "batch_episodes": 8,
+            "episode_len": 60,
+            "window": 30,
+            "lr": 3e-4,
+            "rmsprop_init": 0.0,  # torch's RMSProp: big first steps, which this tiny problem learns from fast
+            "entropy": 0.01,
+            "checkpoint_every": 10,
+            **changes,
+        }
+    )
+
+
 def test_reinforce_learns_to_key_moving_frames(tmp_path: Path) -> None:
     tables = _tables()
-    config = PolicyTrainConfig(
-        eta=0.1,
-        episodes=240,
-        trials=8,
-        batch_episodes=8,
-        episode_len=60,
-        window=30,
-        lr=3e-4,
-        rmsprop_init=0.0,  # torch's RMSProp: big first steps, which this tiny problem learns from fast
-        entropy=0.01,
-        checkpoint_every=10,
-    )
+    config = _small_reinforce()
     with one_torch_thread():
         path = train_policy(config, tables, tmp_path, progress=False)
     log = read_log(tmp_path)
@@ -380,17 +389,7 @@ def test_reinforce_learns_from_a_cue(tmp_path: Path) -> None:
     """With Conv6 blind to the moving frames and the parts residual flagging them, a policy that
     takes that cue learns to key on it; its decisions were fed the table's cue of each pair."""
     tables = _tables(flag="cue")
-    config = PolicyTrainConfig(
-        eta=0.1,
-        episodes=240,
-        trials=8,
-        batch_episodes=8,
-        episode_len=60,
-        window=30,
-        lr=3e-4,
-        entropy=0.01,
-        cues=("residual_parts",),
-    )
+    config = _small_reinforce(cues=("residual_parts",))
     policy = KeyPolicy(policy_config_for(tables, 30, cues=config.cues))
     trainer = PolicyTrainer(config, tables, policy)
     roll, _, _ = trainer.rollout([trainer.sample_episode() for _ in range(2)])
