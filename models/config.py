@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,11 +136,7 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         _check(len(self.fc_sizes) == 3, f"fc_sizes needs 3 sizes, got {self.fc_sizes}")
         _check(self.window > 0, f"window must be positive, got {self.window}")
-        object.__setattr__(self, "cues", tuple(self.cues))  # JSON round trips give lists
-        _check(
-            all(c in POLICY_CUES for c in self.cues) and len(set(self.cues)) == len(self.cues),
-            f"cues must be distinct names from {POLICY_CUES}, got {self.cues}",
-        )
+        object.__setattr__(self, "cues", check_cues(self.cues))  # JSON round trips give lists
         _check_sizes(self, ("in_channels", "conv6_size", "conv0_channels"))
 
     @property
@@ -150,6 +147,15 @@ class PolicyConfig:
 
 # The policy cues a model may take (engines.cues says what each one measures).
 POLICY_CUES = ("magnitude", "residual_face", "residual_parts")
+
+
+def check_cues(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` as a tuple, or ValueError unless they are distinct names from POLICY_CUES."""
+    _check(
+        all(c in POLICY_CUES for c in names) and len(set(names)) == len(names),
+        f"cues must be distinct names from {POLICY_CUES}, got {tuple(names)}",
+    )
+    return tuple(names)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from facestream.engines.bench import time_ms
-from facestream.engines.cues import RESIDUAL_CUES, key_maps, warp_residuals
+from facestream.engines.cues import RESIDUAL_CUES, cue_vector, key_maps, warp_residuals
 from facestream.engines.face import Box, crop_square, track_box
 from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.pipeline import flow_image, to_chw
@@ -181,15 +181,11 @@ class PairTable:
             return cls(str(data["clip_id"]), data["scored"], *(data[k] for k in PAIR_COLUMNS))
 
     def cues(self, names: Sequence[str]) -> np.ndarray:
-        """(T, G+1, len(names)) the policy cues of every pair (engines.cues.CUES order as named)."""
-        columns = [
-            self.magnitude if n == "magnitude" else self.residual[..., RESIDUAL_CUES.index(n)] for n in names
-        ]
-        return (
-            np.stack(columns, axis=-1).astype(np.float32)
-            if columns
-            else np.zeros((*self.valid.shape, 0), np.float32)
-        )
+        """(T, G+1, len(names)) the policy cues of every pair, in the order named (the
+        pipeline's :func:`engines.cues.cue_vector` over every pair)."""
+        pairs = self.valid.size
+        flat = cue_vector(tuple(names), self.magnitude.reshape(pairs), self.residual.reshape(pairs, -1))
+        return flat.reshape(*self.valid.shape, len(names))
 
 
 @dataclass
@@ -198,13 +194,7 @@ class _Key:
     features: np.ndarray  # (1, C, h, w)
     flow_image: np.ndarray  # (3, Sf, Sf)
     crop_box: Box  # where this key's next non-key frame is cropped (moved with the face)
-    maps: np.ndarray | None = None  # (3, h, w) engines.cues.key_maps, set once its scores are known
-
-
-def _maps(key: _Key) -> np.ndarray:
-    if key.maps is None:
-        raise ValueError("a key's cue maps are set by PairBuilder.key")
-    return key.maps
+    maps: np.ndarray  # (3, h, w) engines.cues.key_maps
 
 
 class PairBuilder:
@@ -222,10 +212,9 @@ class PairBuilder:
         """A key frame's cache entry and its (1, K, h, w) class scores."""
         crop = crop_square(rgb, box, self.size)
         features = self.networks.features(to_chw(crop)[None])
-        key = _Key(box, features, flow_image(crop, self.flow_size), box)
         scores = self.networks.task(features)
-        key.maps = key_maps(key.flow_image, scores[0])
-        return key, scores
+        image = flow_image(crop, self.flow_size)
+        return _Key(box, features, image, box, key_maps(image, scores[0])), scores
 
     def warp(
         self, rgb: np.ndarray, keys: Sequence[_Key]
@@ -239,7 +228,7 @@ class PairBuilder:
         flow = self.networks.flow(np.concatenate((current, key_images), axis=1))
         features = np.concatenate([k.features for k in keys])
         scores = self.networks.task(self.networks.warp(features, flow.flow, flow.scale))
-        residual = warp_residuals(np.stack([_maps(k) for k in keys]), current, flow.flow)
+        residual = warp_residuals(np.stack([k.maps for k in keys]), current, flow.flow)
         if self.config.track:
             for b, key in enumerate(keys):
                 key.crop_box = track_box(boxes[b], key.box, flow.flow[b], scores[b])

@@ -8,19 +8,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS
-from facestream.models.config import POLICY_CUES
+from facestream.models.config import POLICY_CUES, check_cues
 from facestream.training.manifest import DEFAULT_TEACHER, ManifestError, load_manifest, open_clips
 from facestream.training.runs import RunError, set_threads
 
 
 def _cue_list(text: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in POLICY_CUES]
-    if unknown or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(
-            f"cues must be distinct names from {', '.join(POLICY_CUES)}, got {text!r}"
-        )
-    return names
+    try:
+        return check_cues([n.strip() for n in text.split(",") if n.strip()])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _stride_list(text: str) -> tuple[int, ...]:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from facestream.engines.weights import load_network, save_network
 from facestream.models import DVSNetHead, KeyPolicy
-from facestream.models.config import POLICY_CUES, DVSNetConfig, PolicyConfig
+from facestream.models.config import DVSNetConfig, PolicyConfig, check_cues
 from facestream.training.evaluation import PairTable
 from facestream.training.runs import (
     append_log,
@@ -98,13 +98,10 @@ class PolicyTrainConfig:
             raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
         if not 0 < self.eta < 1:
             raise ValueError(f"eta is a key-all ratio in (0, 1), got {self.eta}")
-        object.__setattr__(self, "cues", tuple(self.cues))
+        object.__setattr__(self, "cues", check_cues(self.cues))
         object.__setattr__(self, "strides", tuple(self.strides))
         if not self.strides or min(self.strides) < 1 or len(set(self.strides)) != len(self.strides):
             raise ValueError(f"strides must be distinct whole numbers >= 1, got {self.strides}")
-        unknown = [c for c in self.cues if c not in POLICY_CUES]
-        if unknown:
-            raise ValueError(f"unknown cues {unknown}; choose from {POLICY_CUES}")
 
 
 @dataclass
