@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -223,6 +224,21 @@ def test_with_flow_chooses_or_rejects(inner: Networks, tmp_path_factory: pytest.
         create_networks(random_weights(tmp_path_factory), "torch", flow="farneback")
 
 
+def _dis_segment(videos_dir: Path, factory: pytest.TempPathFactory, **changes: Any) -> SegmentOptions:
+    """``facestream segment lp_d3.mp4 --flow dis --backend torch`` on random weights, one thread."""
+    return SegmentOptions(
+        **{
+            "source": str(videos_dir / "lp_d3.mp4"),
+            "backend": "torch",
+            "weights": str(random_weights(factory).directory),
+            "threads": 1,
+            "progress": False,
+            "flow": "dis",
+            **changes,
+        }
+    )
+
+
 @pytest.mark.parametrize(("scheduler", "conv6"), [("fixed", False), ("flow", False), ("rl", True)])
 def test_segment_runs_f_for_conv6_only_for_schedulers_that_read_it(
     scheduler: str,
@@ -238,17 +254,7 @@ def test_segment_runs_f_for_conv6_only_for_schedulers_that_read_it(
         return create_networks(*args, **kwargs)
 
     monkeypatch.setattr(segment_module, "create_networks", spy)
-    weights = random_weights(tmp_path_factory)
-    options = SegmentOptions(
-        source=str(videos_dir / "lp_d3.mp4"),
-        scheduler=scheduler,
-        backend="torch",
-        weights=str(weights.directory),
-        max_frames=3,
-        threads=1,
-        progress=False,
-        flow="dis",
-    )
+    options = _dis_segment(videos_dir, tmp_path_factory, scheduler=scheduler, max_frames=3)
     with one_torch_thread():
         report = run_segment(options)
     assert [(a["flow"], a["conv6"]) for a in asked] == [("dis", conv6)]
@@ -285,19 +291,7 @@ def test_segment_dis_size_reaches_the_flow(
     videos_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """``dis_size`` (``--dis-size``, ``FACESTREAM_DIS_SIZE``): DIS sees crops of that side."""
-    weights = random_weights(tmp_path_factory)
-    options = SegmentOptions(
-        source=str(videos_dir / "lp_d3.mp4"),
-        scheduler="fixed",
-        knob=3,
-        backend="torch",
-        weights=str(weights.directory),
-        max_frames=4,
-        threads=1,
-        progress=False,
-        flow="dis",
-        dis_size=48,
-    )
+    options = _dis_segment(videos_dir, tmp_path_factory, scheduler="fixed", knob=3, max_frames=4, dis_size=48)
     with one_torch_thread():
         report = run_segment(options)
     assert report["backend"] == "torch+dis48" and report["frames"] == 4
