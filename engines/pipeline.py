@@ -229,6 +229,7 @@ class StreamSegmenter:
         ctx = DecisionContext(index, self.history, self.networks, flow, residuals)
         with timer.stage("policy"):
             decision = self.scheduler.decide(ctx)
+        ctx.observe()
         timer.timings["policy"] -= timer.timings.get("flow", 0.0) + timer.timings.get("crop", 0.0)
         if decision.key:
             return self._key(frame, timer, decision.value, start)

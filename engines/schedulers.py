@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from facestream.engines.cues import RESIDUAL_CUES, cue_vector
+from facestream.engines.cues import cue_vector, needs_residuals
 from facestream.engines.networks import FlowResult, Networks
 
 WINDOW = 90
@@ -34,12 +34,15 @@ class DecisionHistory:
 
     * KAR (key-all ratio): keys / decisions over the window (0 before any decision).
     * LKD (last key distance): frames from the last key to the current frame, capped at the window.
+    * The warp residuals of the last ``window`` decided frames that computed them (each to its own
+      key), whose mean the relative cues divide by (:mod:`facestream.engines.cues`).
     """
 
     def __init__(self, window: int = WINDOW) -> None:
         self.window = window
         self.decisions: deque[bool] = deque(maxlen=window)
         self.since_key: int | None = None  # frames since the last key; None before the first
+        self.residuals: deque[np.ndarray] = deque(maxlen=window)
 
     def record(self, key: bool) -> None:
         self.decisions.append(key)
@@ -64,6 +67,16 @@ class DecisionHistory:
         """(1, 2) float32 [KAR, LKD / window], the policy network's expert input."""
         return np.array([[self.kar, self.lkd / self.window]], dtype=np.float32)
 
+    def observe_residual(self, residual: np.ndarray) -> None:
+        """Remember a decided frame's (2,) or (1, 2) warp residuals."""
+        self.residuals.append(np.asarray(residual, dtype=np.float64).reshape(-1))
+
+    def residual_reference(self) -> np.ndarray:
+        """(1, 2) mean of the remembered residuals; NaN before any."""
+        if not self.residuals:
+            return np.full((1, 2), np.nan)
+        return np.mean(self.residuals, axis=0)[None]
+
 
 @dataclass
 class DecisionContext:
@@ -74,7 +87,9 @@ class DecisionContext:
     (``flow_magnitude``, ``dvsnet_score``, ``key_probability``) are answered from that flow; the
     offline evaluation replays them from its per-pair cache instead (``training.evaluation``).
     ``_residuals()``, when given, returns the frame's (1, 2) warp residuals, which a policy that
-    takes cues (``networks.policy_cues``, :mod:`facestream.engines.cues`) may need.
+    takes cues (``networks.policy_cues``, :mod:`facestream.engines.cues`) may need; ``residual``
+    keeps them once computed, and the caller hands them to the history after the decision
+    (:meth:`observe`).
     """
 
     index: int
@@ -82,6 +97,7 @@ class DecisionContext:
     networks: Networks
     _flow: Callable[[], FlowResult]
     _residuals: Callable[[], np.ndarray] | None = None
+    residual: np.ndarray | None = None
 
     def flow(self) -> FlowResult:
         return self._flow()
@@ -102,15 +118,25 @@ class DecisionContext:
             expert = np.concatenate((expert, self.cues()), axis=1)
         return float(self.networks.key_probability(self.flow().conv6, expert)[0])
 
-    def cues(self) -> np.ndarray:
-        """(1, n) the cues the policy takes, in its order (:mod:`facestream.engines.cues`)."""
-        names = self.networks.policy_cues
+    def cues(self, names: tuple[str, ...] | None = None) -> np.ndarray:
+        """(1, n) the cues the policy takes (``names``, by default the networks' policy's), in its
+        order (:mod:`facestream.engines.cues`)."""
+        names = self.networks.policy_cues if names is None else names
         residual = None
-        if any(n in RESIDUAL_CUES for n in names):
+        if needs_residuals(names):
             if self._residuals is None:
                 raise ValueError(f"this policy takes the cues {names}; this caller has no warp residuals")
-            residual = self._residuals()
-        return cue_vector(names, np.array([self.flow_magnitude()]), residual)
+            if self.residual is None:
+                self.residual = self._residuals()
+            residual = self.residual
+        return cue_vector(
+            names, np.array([self.flow_magnitude()]), residual, self.history.residual_reference()
+        )
+
+    def observe(self) -> None:
+        """After the decision: give the history this frame's residuals, if they were computed."""
+        if self.residual is not None:
+            self.history.observe_residual(self.residual)
 
 
 def mean_flow_magnitude(flow: np.ndarray, stride: float) -> np.ndarray:

@@ -145,8 +145,9 @@ class PolicyConfig:
         return 2 + len(self.cues)
 
 
-# The policy cues a model may take (engines.cues says what each one measures).
-POLICY_CUES = ("magnitude", "residual_face", "residual_parts")
+# The policy cues a model may take (engines.cues says what each one measures). The relative ones
+# divide a residual by its mean over the stream's previous decided frames.
+POLICY_CUES = ("magnitude", "residual_face", "residual_parts", "relative_face", "relative_parts")
 
 
 def check_cues(names: Sequence[str]) -> tuple[str, ...]:

@@ -19,9 +19,17 @@ from helpers import (
     random_weights,
 )
 
-from facestream.engines.cues import CUES, cue_vector, key_maps, warp_residuals
+from facestream.engines.cues import (
+    CUES,
+    RELATIVE_FLOOR,
+    cue_vector,
+    key_maps,
+    relative_residuals,
+    warp_residuals,
+)
+from facestream.engines.networks import FlowResult
 from facestream.engines.pipeline import StreamSegmenter
-from facestream.engines.schedulers import RLScheduler, mean_flow_magnitude
+from facestream.engines.schedulers import DecisionContext, DecisionHistory, RLScheduler, mean_flow_magnitude
 from facestream.engines.weights import load_network, save_network
 from facestream.models import KeyPolicy
 from facestream.models.config import PolicyConfig
@@ -99,6 +107,40 @@ def test_cue_vector_order_and_errors() -> None:
         cue_vector(("residual_face",), magnitude, None)
 
 
+class _NoFlowContext(DecisionContext):
+    def flow_magnitude(self) -> float:
+        return 0.0
+
+
+def _no_flow() -> FlowResult:
+    raise AssertionError("the relative cues need no flow here")
+
+
+def test_relative_cues_divide_by_the_mean_of_the_streams_earlier_residuals() -> None:
+    """DecisionContext.cues(): a relative cue is the frame's residual over the mean of the
+    residuals of the earlier decided frames in the window (1 with none), handed on by observe()."""
+    history = DecisionHistory(window=2)
+    names = ("relative_face", "residual_parts", "relative_parts")
+
+    def decide(residual: list[float]) -> np.ndarray:
+        ctx = _NoFlowContext(0, history, None, _no_flow, lambda: np.array([residual], np.float32))  # type: ignore[arg-type]
+        cues = ctx.cues(names)
+        ctx.observe()
+        history.record(False)
+        return cues[0]
+
+    np.testing.assert_allclose(decide([0.1, 0.2]), [1.0, 0.2, 1.0])
+    np.testing.assert_allclose(decide([0.3, 0.4]), [3.0, 0.4, 2.0])
+    np.testing.assert_allclose(decide([0.4, 0.6]), [2.0, 0.6, 2.0])  # mean of 0.1/0.3 and 0.2/0.4
+    np.testing.assert_allclose(decide([0.7, 0.5]), [0.7 / 0.35, 0.5, 1.0])  # window 2: 0.1 is out
+    np.testing.assert_allclose(history.residual_reference(), [[0.55, 0.55]])
+    # a stream whose residuals were all zero (no face left in the warp) divides by the floor
+    still = relative_residuals(np.array([[0.0, 0.01]]), np.array([[0.0, 0.0]]))
+    np.testing.assert_allclose(still, [[0.0, 0.01 / RELATIVE_FLOOR]])
+    with pytest.raises(ValueError, match="reference"):
+        cue_vector(("relative_parts",), np.zeros(1), np.zeros((1, 2)))
+
+
 def test_policy_with_cues_standardises_them_and_round_trips(tmp_path: Path) -> None:
     config = PolicyConfig(in_channels=8, conv6_size=2, cues=("magnitude", "residual_parts"))
     assert config.expert_size == 4
@@ -134,11 +176,11 @@ def test_onnx_export_of_a_cue_policy_matches_torch(tmp_path_factory: pytest.Temp
     weights = random_weights(tmp_path_factory, policy_cues=CUES)
     ort_nets = build_networks(tmp_path_factory, weights, "onnxruntime")
     torch_nets = build_networks(tmp_path_factory, weights, "torch")
-    assert ort_nets.policy_cues == torch_nets.policy_cues == CUES and ort_nets.expert_size == 5
+    assert ort_nets.policy_cues == torch_nets.policy_cues == CUES and ort_nets.expert_size == 7
     six = ort_nets.flow_config
     rng = np.random.default_rng(0)
     conv6 = rng.normal(size=(2, six.conv6_channels, six.conv6_size, six.conv6_size)).astype(np.float32)
-    expert = np.array([[0.1, 0.5, 3.0, 0.05, 0.1], [0.2, 0.1, 9.0, 0.2, 0.3]], np.float32)
+    expert = np.array([[0.1, 0.5, 3.0, 0.05, 0.1, 1.0, 2.5], [0.2, 0.1, 9.0, 0.2, 0.3, 0.4, 0.8]], np.float32)
     np.testing.assert_allclose(
         ort_nets.key_probability(conv6, expert), torch_nets.key_probability(conv6, expert), atol=1e-4
     )
@@ -164,7 +206,7 @@ def test_pipeline_feeds_a_cue_policy_its_cues(
     segmenter = StreamSegmenter(wrapped, RLScheduler(0.5), track=False)
     for _ in range(4):
         segmenter.step(frame)
-    assert len(seen) == 3 and all(e.shape == (1, 5) for e in seen)
+    assert len(seen) == 3 and all(e.shape == (1, 7) for e in seen)
     seg = inner.segmentation_config
     stride = seg.input_size / seg.feature_size
     flow = constant_flow(inner, *shift).flow
@@ -173,9 +215,15 @@ def test_pipeline_feeds_a_cue_policy_its_cues(
     assert cache is not None
     current = cache.flow_image  # the same still frame: the current crop equals the key crop
     expected = warp_residuals(cache.cue_maps()[None], current[None], flow)[0]
-    for e in seen:
+    assert expected[0] > RELATIVE_FLOOR
+    for n, e in enumerate(seen):
         assert e[0, 2] == pytest.approx(expected_magnitude, rel=1e-5)
-        np.testing.assert_allclose(e[0, 3:], expected, atol=1e-6)
+        np.testing.assert_allclose(e[0, 3:5], expected, atol=1e-6)
+        # relative cues: no history on the first decision (1), then the same residual over its mean
+        relative = relative_residuals(expected[None], expected[None] if n else np.full((1, 2), np.nan))
+        np.testing.assert_allclose(e[0, 5:], relative[0], rtol=1e-5)
+    assert seen[1][0, 5] == pytest.approx(1.0, rel=1e-5)
+    assert len(segmenter.history.residuals) == 3  # every decided frame handed its residuals on
     # a policy without cues is fed the paper's two inputs only
     plain: list[np.ndarray] = []
     wrapped_plain = WrappedNetworks(

@@ -20,7 +20,7 @@ from helpers import (
 )
 
 from facestream.cli import main
-from facestream.engines.cues import CUES
+from facestream.engines.cues import CUES, RELATIVE_FLOOR
 from facestream.engines.face import Box
 from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.schedulers import make_scheduler
@@ -193,19 +193,55 @@ def test_policy_replay_matches_the_network(
 
 
 def test_policy_replay_folds_in_the_cues(table: PairTable, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """A policy with cues: the replay adds the table's cues of each pair, as the pipeline would."""
+    """A policy with cues: the replay adds the table's cues of each pair, as the pipeline would;
+    the relative cues, which depend on the decisions so far, come with each decision."""
     weights = random_weights(tmp_path_factory, input_size=SIZE, policy_cues=CUES)
     nets = build_networks(tmp_path_factory, weights, "onnxruntime")
     policy = PolicyReplay(weights.paths["policy"], [table])
-    assert policy.cues == CUES
+    assert policy.cues == CUES and policy.takes_relative
+    static = CUES[:3]
     assert (table.residual[:, 1:][table.valid[:, 1:]] > 0).any()  # the builder filled them in
     expert = np.array([[0.25, 0.5]], np.float32)
-    for i, gap in [(3, 1), (7, 4), (12, 2)]:
+    for (i, gap), relative in zip(
+        [(3, 1), (7, 4), (12, 2)], [(1.0, 1.0), (2.5, 0.3), (0.0, 4.0)], strict=True
+    ):
         conv6 = table.conv6[i, gap][None].astype(np.float32)
-        full = np.concatenate((expert, table.cues(CUES)[i, gap][None]), axis=1)
+        full = np.concatenate((expert, table.cues(static)[i, gap][None], [relative]), axis=1)
         assert full[0, 2] == table.magnitude[i, gap] and full[0, 4] == table.residual[i, gap, 1]
         expected = float(nets.key_probability(conv6, full)[0])
-        assert policy.probability("fake", i, gap, expert) == pytest.approx(expected, abs=1e-4)
+        assert policy.probability("fake", i, gap, full) == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(ValueError, match="reference"):
+        table.cues(CUES)  # the relative cues are not a property of a pair
+
+
+def test_replay_feeds_a_relative_cue_policy_the_streams_reference(
+    table: PairTable, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The rl replay of a policy with relative cues: each decision's expert row holds the pair's
+    residuals over the mean of those of the episode's earlier decisions (DecisionHistory)."""
+    weights = random_weights(tmp_path_factory, input_size=SIZE, policy_cues=("relative_parts",))
+    policy = PolicyReplay(weights.paths["policy"], [table])
+    rows: list[tuple[int, int, np.ndarray]] = []
+    probability = policy.probability
+
+    def spy(clip_id: str, i: int, gap: int, expert: np.ndarray) -> float:
+        rows.append((i, gap, expert.copy()))
+        return probability(clip_id, i, gap, expert)
+
+    policy.probability = spy  # type: ignore[method-assign]
+    nets = build_networks(tmp_path_factory, weights, "onnxruntime")
+    walk = replay(make_scheduler("rl", 0.5), [table], nets, policy=policy)
+    assert rows and walk.decisions >= len(rows)
+    firsts = {start + 1 for start, _ in table.episodes()}
+    earlier: list[float] = []
+    for i, gap, expert in rows:
+        if i in firsts:
+            earlier = []
+        residual = float(table.residual[i, gap, 1])
+        reference = np.mean(earlier[-90:]) if earlier else np.nan
+        want = 1.0 if not earlier else residual / max(reference, RELATIVE_FLOOR)
+        assert expert.shape == (1, 3) and expert[0, 2] == pytest.approx(want, rel=1e-5)
+        earlier.append(residual)
 
 
 def test_oracle_is_never_below_any_scheduler(

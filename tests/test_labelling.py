@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from facestream.training.labelling import (
     label_video,
     make_teacher,
     sheet_indices,
+    video_identity,
 )
 from facestream.training.teachers import FaceShape, Teacher, TeacherError, shape_from_68
 
@@ -196,6 +198,26 @@ def test_a_complete_folder_is_skipped(video: Path, tmp_path: Path) -> None:
     labels = label_video(video, tmp_path / "clip", teacher, progress=False)
     assert teacher.seen == []
     assert labels.complete and folder_state(tmp_path / "clip") == before
+
+
+def test_labels_follow_the_videos_content_not_its_time(video: Path, tmp_path: Path) -> None:
+    """The labels follow the video's content, not its modification time (a fresh copy of the data
+    gets new times, which must not throw away the labels and the pair tables built on them)."""
+    copy = tmp_path / "clip.mp4"
+    copy.write_bytes(video.read_bytes())
+    label_video(copy, tmp_path / "clip", FakeTeacher(), progress=False)
+    before = folder_state(tmp_path / "clip")
+    os.utime(copy, (1_000_000_000, 1_000_000_000))
+    teacher = FakeTeacher()
+    label_video(copy, tmp_path / "clip", teacher, progress=False)
+    assert teacher.seen == [] and folder_state(tmp_path / "clip") == before
+    other = tmp_path / "other.mp4"
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other content
+    other.write_bytes(bytes(data))
+    os.utime(other, (1_000_000_000, 1_000_000_000))
+    a, b = video_identity(copy), video_identity(other)
+    assert a["video_bytes"] == b["video_bytes"] and a["video_sha256"] != b["video_sha256"]
 
 
 def test_a_changed_teacher_relabels_from_scratch(video: Path, tmp_path: Path) -> None:

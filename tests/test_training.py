@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import FakeClip, clip_frames, one_torch_thread
 
+from facestream.engines.cues import RELATIVE_FLOOR
 from facestream.engines.weights import (
     find_weights,
     load_network,
@@ -405,6 +406,28 @@ def test_reinforce_learns_from_a_cue(tmp_path: Path) -> None:
     with torch.no_grad():
         calm, moving = policy.key_probability(conv6, expert).tolist()
     assert moving > calm
+
+
+def test_rollouts_feed_relative_cues_against_each_trajectorys_earlier_residuals() -> None:
+    """The trainer's relative cue is DecisionHistory's: the pair's residual over the mean of the
+    residuals of the trajectory's earlier decisions (last ``window``), 1 on its first decision."""
+    tables = _tables(flag="cue")
+    config = _small_reinforce(cues=("residual_parts", "relative_parts"), window=8)
+    policy = KeyPolicy(policy_config_for(tables, 8, cues=config.cues))
+    with torch.no_grad():  # rarely a key, so that the budget leaves long trajectories
+        policy.fc3.bias[:] = torch.tensor([3.0, -3.0])
+        policy.fc3.weight.zero_()
+    trainer = PolicyTrainer(config, tables, policy)
+    roll, _, _ = trainer.rollout([trainer.sample_episode() for _ in range(2)])
+    earlier: dict[int, list[float]] = {}
+    for trial, (table, frame, gap), expert in zip(roll.trial, roll.pair, roll.expert, strict=True):
+        seen = earlier.setdefault(trial, [])
+        residual = float(tables[table].residual[frame, gap, 1])
+        assert expert[2] == pytest.approx(residual)
+        want = residual / max(float(np.mean(seen[-8:])), RELATIVE_FLOOR) if seen else 1.0
+        assert expert[3] == pytest.approx(want, rel=1e-5)
+        seen.append(residual)
+    assert max(len(v) for v in earlier.values()) > 8  # the window did slide
 
 
 def test_frame_rate_augmentation_forces_keys_at_each_tables_own_gap_limit() -> None:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from facestream.engines.bench import time_ms
-from facestream.engines.cues import RESIDUAL_CUES, cue_vector, key_maps, warp_residuals
+from facestream.engines.cues import RELATIVE_CUES, RESIDUAL_CUES, cue_vector, key_maps, warp_residuals
 from facestream.engines.face import Box, crop_square, track_box
 from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.pipeline import flow_image, to_chw
@@ -182,7 +182,8 @@ class PairTable:
 
     def cues(self, names: Sequence[str]) -> np.ndarray:
         """(T, G+1, len(names)) the policy cues of every pair, in the order named (the
-        pipeline's :func:`engines.cues.cue_vector` over every pair)."""
+        pipeline's :func:`engines.cues.cue_vector` over every pair). The relative cues depend on
+        the decisions before a frame, not on the pair alone, so they cannot be asked for here."""
         pairs = self.valid.size
         flat = cue_vector(tuple(names), self.magnitude.reshape(pairs), self.residual.reshape(pairs, -1))
         return flat.reshape(*self.valid.shape, len(names))
@@ -338,10 +339,12 @@ def _add_frame(
 
 
 def clip_identity(clip: Clip) -> str:
-    """What the cached table depends on from the clip: its labels' metadata, or its frame list."""
+    """What the cached table depends on from the clip: its labels' metadata (less where the video
+    lies, so that a copy of the data elsewhere reuses it), or its frame list."""
     meta = getattr(clip, "meta", None)
-    text = json.dumps(meta, sort_keys=True) if meta is not None else f"{clip.clip_id}:{clip.labelled}"
-    return text
+    if meta is None:
+        return f"{clip.clip_id}:{clip.labelled}"
+    return json.dumps({k: v for k, v in meta.items() if k != "video"}, sort_keys=True)
 
 
 def cached_pair_table(
@@ -367,8 +370,9 @@ def cached_pair_table(
 
 class PolicyReplay:
     """A trained key policy answered from cached Conv6 features (and cues): the trunk runs once
-    per pair, FC3 per decision (``pi(a1) = sigmoid(a + w_KAR * KAR + w_LKD * LKD/window)``, where
-    ``a`` holds the trunk's and the cues' part)."""
+    per pair, FC3 per decision (``pi(a1) = sigmoid(a + w_KAR * KAR + w_LKD * LKD/window +
+    sum_r w_r * r)``, where ``a`` holds the trunk's and the per-pair cues' part and ``r`` runs
+    over the relative cues, which depend on the decisions so far)."""
 
     def __init__(self, path: Path, tables: Sequence[PairTable]) -> None:
         self.path = path
@@ -379,15 +383,22 @@ class PolicyReplay:
         self.eta: float | None = card.get("eta")
         self.cues = policy.config.cues
         self._w_expert = policy.expert_weights().double().numpy()
+        self._relative = [n for n, c in enumerate(self.cues) if c in RELATIVE_CUES]
+        self._w_relative = np.zeros(0)
+        if self._relative:  # FC3 sees (cue - mean) * scale, so a raw cue's weight is w * scale
+            scale = policy.cue_scale.double().numpy()[self._relative]
+            self._w_relative = policy.cue_weights().double().numpy()[self._relative] * scale
         self.base = {t.clip_id: self._base(policy, t) for t in tables}
 
     @torch.inference_mode()
     def _base(self, policy: KeyPolicy, table: PairTable) -> np.ndarray:
-        """Key minus non-key logit of every valid pair at KAR = LKD = 0."""
+        """Key minus non-key logit of every valid pair at KAR = LKD = 0 and relative cues 0."""
         base = np.zeros(table.valid.shape, dtype=np.float64)
         index = np.nonzero(table.valid[:, 1:])
         conv6 = table.conv6[:, 1:][index]
-        cues = table.cues(self.cues)[:, 1:][index]
+        static = [n for n in range(len(self.cues)) if n not in self._relative]
+        cues = np.zeros((len(conv6), len(self.cues)), np.float32)
+        cues[:, static] = table.cues([self.cues[n] for n in static])[:, 1:][index]
         for start in range(0, len(conv6), 512):
             stop = start + 512
             trunk = policy.trunk(torch.from_numpy(conv6[start:stop].astype(np.float32)))
@@ -397,9 +408,17 @@ class PolicyReplay:
             base[rows] = (logits[:, 1] - logits[:, 0]).numpy()
         return base
 
+    @property
+    def takes_relative(self) -> bool:
+        return bool(self._relative)
+
     def probability(self, clip_id: str, i: int, gap: int, expert: np.ndarray) -> float:
+        """pi(a1) from the (1, 2 + len(cues)) expert row [KAR, LKD/window, *cues] (only the
+        relative cues are read from the cue part: the others are in ``base``)."""
         logit = self.base[clip_id][i, gap] + float(expert[0, :2] @ self._w_expert)
-        return float(1.0 / (1.0 + np.exp(-logit)))
+        if self._relative:
+            logit += float(expert[0, [2 + n for n in self._relative]] @ self._w_relative)
+        return float(np.exp(-np.logaddexp(0.0, -logit)))  # sigmoid, without overflow
 
 
 @dataclass
@@ -426,7 +445,15 @@ class ReplayContext(DecisionContext):
     def key_probability(self) -> float:
         if self.policy is None or self.table is None:
             raise ValueError("the rl scheduler needs a policy (policy.safetensors or --policy)")
-        return self.policy.probability(self.table.clip_id, self.index, self.gap, self.history.expert())
+        expert = self.history.expert()
+        if self.policy.takes_relative:
+            expert = np.concatenate((expert, self.cues(self.policy.cues)), axis=1)
+        return self.policy.probability(self.table.clip_id, self.index, self.gap, expert)
+
+
+def _pair_residual(table: PairTable, i: int, gap: int) -> Callable[[], np.ndarray]:
+    """The cached (1, 2) warp residuals of frame ``i`` to its key ``gap`` frames back."""
+    return lambda: table.residual[i, gap][None]
 
 
 def _no_flow() -> FlowResult:
@@ -496,9 +523,18 @@ def replay(
                     key, walk.forced = True, walk.forced + 1
                 else:
                     ctx = ReplayContext(
-                        i, history, networks, _no_flow, table=table, gap=gap, policy=policy, dvsnet=scores
+                        i,
+                        history,
+                        networks,
+                        _no_flow,
+                        _pair_residual(table, i, gap),
+                        table=table,
+                        gap=gap,
+                        policy=policy,
+                        dvsnet=scores,
                     )
                     key = scheduler.decide(ctx).key
+                    ctx.observe()
                 if key:
                     walk.key(table, i, last)
                     last, gap = i, 0

@@ -16,6 +16,7 @@ unless the teacher or the video changed.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -134,9 +135,19 @@ def _read_records(path: Path) -> list[FrameRecord]:
 
 
 def video_identity(video: Path) -> dict[str, Any]:
-    """What identifies a video for resuming: absolute path, size and mtime."""
-    stat = video.stat()
-    return {"video": str(video.resolve()), "video_bytes": stat.st_size, "video_mtime": int(stat.st_mtime)}
+    """What identifies a video for resuming: absolute path, size and a hash of the content.
+
+    Not the modification time: a copy of the same clips (a fresh checkout of the data, a CI
+    machine) gets new times, and labels and pair tables depend on the frames alone."""
+    digest = hashlib.sha256()
+    with video.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {
+        "video": str(video.resolve()),
+        "video_bytes": video.stat().st_size,
+        "video_sha256": digest.hexdigest(),
+    }
 
 
 Annotator = Callable[[Iterator[VideoFrame]], Iterator[tuple[np.ndarray, FaceShape | None]]]

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from facestream.engines.cues import cue_vector
 from facestream.engines.weights import load_network, save_network
 from facestream.models import DVSNetHead, KeyPolicy
 from facestream.models.config import DVSNetConfig, PolicyConfig, check_cues
@@ -113,12 +114,11 @@ class _Table:
     key_reward: np.ndarray  # (T, G+1) reward of a key at frame i with the last key g back
     skip_reward: np.ndarray  # (T, G+1) reward of a non-key at frame i with the last key g back
     runs: list[tuple[int, int]]
-    cues: np.ndarray  # (T, G+1, len(cues)) float32
+    magnitude: np.ndarray  # (T, G+1) float32
+    residual: np.ndarray  # (T, G+1, 2) float32
 
 
-def _prepare(
-    tables: Sequence[PairTable], reward: str, scale: float = 1.0, cues: Sequence[str] = ()
-) -> list[_Table]:
+def _prepare(tables: Sequence[PairTable], reward: str, scale: float = 1.0) -> list[_Table]:
     prepared = []
     for t in tables:
         skip = np.zeros(t.valid.shape)
@@ -141,7 +141,8 @@ def _prepare(
                 (gain * scale).astype(np.float64),
                 (skip * scale).astype(np.float64),
                 runs,
-                t.cues(cues),
+                t.magnitude,
+                t.residual,
             )
         )
     if not any(p.runs for p in prepared):
@@ -165,7 +166,7 @@ class _Rollout:
 class PolicyTrainer:
     def __init__(self, config: PolicyTrainConfig, tables: Sequence[PairTable], policy: KeyPolicy) -> None:
         self.config, self.policy = config, policy
-        self.tables = _prepare(tables, config.reward, config.reward_scale, config.cues)
+        self.tables = _prepare(tables, config.reward, config.reward_scale)
         lengths = np.array([sum(b - a for a, b in t.runs) for t in self.tables], dtype=np.float64)
         self.table_weights = lengths / lengths.sum()
         self.rng = np.random.default_rng(config.seed)
@@ -201,6 +202,9 @@ class PolicyTrainer:
         filled = np.ones(n, dtype=np.int64)  # the episode's first frame is a key, as in the engine
         history[:, 0] = True
         policy_keys = np.zeros((n, c.window), dtype=bool)  # keys after the first (for the budget)
+        # the residuals of the last decided frames (DecisionHistory.residuals, for relative cues)
+        seen = np.zeros((n, c.window, 2))
+        seen_count = np.zeros(n, dtype=np.int64)
         head = np.ones(n, dtype=np.int64)
         last_key = start_of.copy()
         alive = np.ones(n, dtype=bool)
@@ -223,11 +227,17 @@ class PolicyTrainer:
                 kar = history[decide].sum(axis=1) / np.minimum(filled[decide], c.window)
                 lkd = np.minimum(gap[decide], c.window) / c.window
                 pairs = [(int(table_of[j]), int(frame[j]), int(gap[j])) for j in decide]
-                cue_rows = np.array([self.tables[t].cues[f, g] for t, f, g in pairs], dtype=np.float32)
-                expert = np.concatenate(
-                    (np.stack((kar, lkd), axis=1).astype(np.float32), cue_rows.reshape(len(decide), -1)),
-                    axis=1,
-                )
+                cue_rows = np.zeros((len(decide), 0), np.float32)
+                if c.cues:
+                    magnitude = np.array([self.tables[t].magnitude[f, g] for t, f, g in pairs])
+                    residual = np.array([self.tables[t].residual[f, g] for t, f, g in pairs])
+                    counts = np.minimum(seen_count[decide], c.window)
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        reference = seen[decide].sum(axis=1) / counts[:, None]  # NaN: none seen yet
+                    cue_rows = cue_vector(c.cues, magnitude, residual, reference)
+                    seen[decide, seen_count[decide] % c.window] = residual
+                    seen_count[decide] += 1
+                expert = np.concatenate((np.stack((kar, lkd), axis=1).astype(np.float32), cue_rows), axis=1)
                 prob = self._probabilities(pairs, expert)
                 guarded = np.clip(prob, 1 - c.epsilon, c.epsilon)
                 action = self.rng.random(len(decide)) < guarded
@@ -359,8 +369,17 @@ def policy_config_for(
 
 
 def cue_sample(tables: Sequence[PairTable], cues: Sequence[str]) -> torch.Tensor:
-    """The cues (N, len(cues)) of every valid pair with gap >= 1 (for their standardisation)."""
-    return torch.from_numpy(np.concatenate([t.cues(cues)[:, 1:][t.valid[:, 1:]] for t in tables]))
+    """The cues (N, len(cues)) of every valid pair with gap >= 1 (for their standardisation).
+
+    A relative cue is taken against the mean residual of its clip's pairs: its reference in a
+    rollout depends on the decisions, which are not known before training."""
+    rows = []
+    for t in tables:
+        valid = t.valid[:, 1:]
+        residual = t.residual[:, 1:][valid]
+        reference = np.broadcast_to(residual.mean(axis=0, dtype=np.float64), residual.shape)
+        rows.append(cue_vector(tuple(cues), t.magnitude[:, 1:][valid], residual, reference))
+    return torch.from_numpy(np.concatenate(rows))
 
 
 def conv6_sample(tables: Sequence[PairTable], count: int = 20000, seed: int = 0) -> torch.Tensor:
