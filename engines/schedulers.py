@@ -180,17 +180,30 @@ class AlwaysScheduler(Scheduler):
 
 
 class FixedIntervalScheduler(Scheduler):
+    """A key every ``interval`` frames. ``phase`` p moves the grid: the first decided key of a
+    stream comes interval - p frames after its first frame (the evaluation measures how much
+    fixed's score depends on where its keys happen to fall)."""
+
     name, knob = "fixed", "interval"
 
-    def __init__(self, interval: int = 30) -> None:
+    def __init__(self, interval: int = 30, phase: int = 0) -> None:
         if int(interval) != interval or interval < 1:
             raise ValueError(f"fixed interval must be a whole number >= 1, got {interval}")
-        self.interval = int(interval)
+        if int(phase) != phase or not 0 <= phase < interval:
+            raise ValueError(f"fixed phase must be a whole number in [0, {interval}), got {phase}")
+        self.interval, self.phase = int(interval), int(phase)
+        self.reset()
+
+    def reset(self) -> None:
+        self._first = True
 
     def decide(self, ctx: DecisionContext) -> Decision:
         distance = ctx.history.distance
-        distance = self.interval if distance is None else distance
-        return Decision(distance >= self.interval, float(distance))
+        if distance is None:  # no key yet
+            return Decision(True, float(self.interval))
+        key = distance >= self.interval - (self.phase if self._first else 0)
+        self._first = self._first and not key
+        return Decision(key, float(distance))
 
 
 class RandomScheduler(Scheduler):

@@ -25,6 +25,7 @@ from facestream.engines.face import Box
 from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.schedulers import make_scheduler
 from facestream.training.evaluation import (
+    FIXED_GRID,
     EvalConfig,
     PairBuilder,
     PairTable,
@@ -38,7 +39,7 @@ from facestream.training.evaluation import (
     replay,
 )
 from facestream.training.oracle import Oracle
-from facestream.training.sweep import at_aki, best_front, comparison, comparison_table
+from facestream.training.sweep import at_aki, best_front, comparison, comparison_table, fixed_phase_rows
 
 SIZE = 64
 
@@ -314,6 +315,7 @@ def test_evaluate_command_end_to_end(
         image = cv2.imread(str(out / name))
         assert image is not None and image.shape[0] > 100, name
     assert "| oracle |" in (out / "results.md").read_text()
+    assert "fixed over its key phases" in (out / "comparison.md").read_text()
     assert len(list((out / "cache").glob("*.npz"))) == 2
     assert main(args) == 0  # a rerun reads the cached labels and pair tables
 
@@ -336,6 +338,28 @@ def test_comparison_interpolates_each_schedulers_best_curve() -> None:
     [c] = comparison(rows, [30.0])
     assert c["per_frame"] == 0.8 and c["rl_share"] == pytest.approx((c["rl"] - 0.6) / (0.72 - 0.6))
     assert "| 30 |" in comparison_table([c]) and "—" in comparison_table([c])
+    assert "fixed_phases" not in c and "key phases" not in comparison_table([c])
+    # fixed's spread over key phases: each phase's curve interpolated at the AKI
+    phases = [
+        [{"scheduler": "fixed", "aki": 10.0, "miou": 0.7}, {"scheduler": "fixed", "aki": 40.0, "miou": 0.6}],
+        [{"scheduler": "fixed", "aki": 10.0, "miou": 0.7}, {"scheduler": "fixed", "aki": 30.0, "miou": 0.66}],
+        [{"scheduler": "fixed", "aki": 10.0, "miou": 0.7}, {"scheduler": "fixed", "aki": 20.0, "miou": 0.65}],
+    ]
+    [c] = comparison(rows, [30.0], phase_rows=phases)
+    spread = c["fixed_phases"]
+    assert spread["phases"] == 2  # the third never reaches AKI 30
+    assert spread["min"] == pytest.approx(0.7 - 0.1 * 2 / 3) and spread["max"] == pytest.approx(0.66)
+    assert "| 30 |" in comparison_table([c]) and "64.7 (63.3–66.0)" in comparison_table([c])
+
+
+def test_fixed_phase_rows_start_with_the_fixed_sweep(table: PairTable, nets: Networks) -> None:
+    phases = fixed_phase_rows([table], nets, window=90, phases=3)
+    assert len(phases) == 3 and all(len(p) == len(FIXED_GRID) for p in phases)
+    for n, row in zip(FIXED_GRID, phases[0], strict=True):
+        walk = replay(make_scheduler("fixed", n), [table], nets)
+        assert row["miou"] == pytest.approx(miou(walk.confusion)) and row["aki"] == walk.frames / walk.keys
+    moved = {n: row["aki"] for n, row in zip(FIXED_GRID, phases[2], strict=True)}
+    assert moved[5] < phases[0][FIXED_GRID.index(5)]["aki"]  # the first key came earlier: more keys
 
 
 def test_subsampled_table_is_the_clip_played_faster(table: PairTable) -> None:

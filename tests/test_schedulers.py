@@ -241,6 +241,24 @@ def test_fixed_interval_rule() -> None:
     assert stub.calls["flow"] == 0
 
 
+def test_fixed_interval_phase_moves_the_first_decided_key_only() -> None:
+    scheduler = FixedIntervalScheduler(3, phase=1)
+    stub = StubNetworks()
+    for _ in range(2):  # reset() starts the phase over
+        history = DecisionHistory()
+        assert scheduler.decide(context(stub, history)).key  # the stream's first key
+        history.record(True)
+        keys = []
+        for _ in range(12):
+            decision = scheduler.decide(context(stub, history))
+            keys.append(decision.key)
+            history.record(decision.key)
+        assert keys == [False, True] + [False, False, True] * 3 + [False]
+        scheduler.reset()
+    with pytest.raises(ValueError, match=r"phase must be a whole number in \[0, 3\), got 3"):
+        FixedIntervalScheduler(3, phase=3)
+
+
 # --------------------------------------------------------------------------- pipeline key counts
 
 

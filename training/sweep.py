@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from facestream.engines.face import crop_square
 from facestream.engines.networks import Networks
-from facestream.engines.schedulers import make_scheduler
+from facestream.engines.schedulers import FixedIntervalScheduler, make_scheduler
 from facestream.engines.video import overlay
 from facestream.training import figures
 from facestream.training.evaluation import (
@@ -119,6 +119,38 @@ def _knobs(name: str, tables: Sequence[PairTable], dvsnet: Any, sweep: bool) -> 
     return knob_grid(name, tables, dvsnet)
 
 
+FIXED_PHASES = 8  # key grids of the fixed scheduler the comparison reports its spread over
+
+
+def fixed_phase_rows(
+    tables: Sequence[PairTable], networks: Networks, window: int, phases: int = FIXED_PHASES
+) -> list[list[dict[str, Any]]]:
+    """Per phase k of ``phases``: fixed's sweep (every interval n of FIXED_GRID) with its key grid
+    moved by k/phases of an interval (``FixedIntervalScheduler.phase`` = floor(k n / phases)).
+
+    Where the keys of a fixed interval fall against the content is chance, and on a few clips it
+    moves the score by points; the spread of these curves tells which differences between
+    schedulers are larger than that chance."""
+    out = []
+    for k in range(phases):
+        rows = []
+        for n in FIXED_GRID:
+            walk = replay(FixedIntervalScheduler(n, k * n // phases), tables, networks, window=window)
+            rows.append(
+                {"scheduler": "fixed", "aki": walk.frames / walk.keys, "miou": float(miou(walk.confusion))}
+            )
+        out.append(rows)
+    return out
+
+
+def phase_spread(phase_rows: Sequence[Sequence[dict[str, Any]]], aki: float) -> dict[str, Any] | None:
+    """fixed's mIoU at ``aki`` over the key phases: mean, min, max and how many phases reach it."""
+    values = [v for v in (at_aki(rows, "fixed", aki) for rows in phase_rows) if v is not None]
+    if not values:
+        return None
+    return {"mean": float(np.mean(values)), "min": min(values), "max": max(values), "phases": len(values)}
+
+
 def oracle_settings(
     oracle: Oracle, tables: Sequence[PairTable], settings: Sequence[Setting]
 ) -> dict[int, Walk]:
@@ -196,6 +228,9 @@ def evaluate(
     }
     clock["oracle_s"] = time.perf_counter() - start
     rows = [row(s, costs, timeline_clip) for s in settings]
+    phases = []
+    if "fixed" in options.schedulers and options.sweep:
+        phases = fixed_phase_rows(tables, networks, options.config.window)
     add_shares(rows, oracle_rows)
     shown = {s.walk.keys for s in settings if s.scheduler in ("fixed", "always")}
     rows += [
@@ -203,7 +238,7 @@ def evaluate(
         for n, r in sorted(oracle_rows.items())
         if n in shown
     ]
-    report = _write_outputs(rows, costs, clock, tables, clips, networks, options, out)
+    report = _write_outputs(rows, phases, costs, clock, tables, clips, networks, options, out)
     return report
 
 
@@ -231,9 +266,15 @@ def at_aki(rows: Sequence[dict[str, Any]], scheduler: str, aki: float) -> float 
     return float(np.interp(aki, [p[0] for p in front], [p[1] for p in front]))
 
 
-def comparison(rows: Sequence[dict[str, Any]], akis: Sequence[float] = COMPARE_AKI) -> list[dict[str, Any]]:
-    """Per AKI: every scheduler's interpolated mIoU, per-frame N, and RL's share of the oracle's
-    gain over fixed -- the numbers the issue's acceptance is stated in."""
+def comparison(
+    rows: Sequence[dict[str, Any]],
+    akis: Sequence[float] = COMPARE_AKI,
+    phase_rows: Sequence[Sequence[dict[str, Any]]] = (),
+) -> list[dict[str, Any]]:
+    """Per AKI: every scheduler's interpolated mIoU, per-frame N, RL's share of the oracle's gain
+    over fixed -- the numbers the issue's acceptance is stated in -- and, given
+    :func:`fixed_phase_rows`, fixed's spread over its key phases (``fixed_phases``, None where no
+    phase reaches the AKI)."""
     always = next((r["miou"] for r in rows if r["scheduler"] == "always"), None)
     out = []
     for aki in akis:
@@ -242,7 +283,10 @@ def comparison(rows: Sequence[dict[str, Any]], akis: Sequence[float] = COMPARE_A
         share = None
         if None not in (fixed, rl, oracle) and oracle - fixed > 1e-9:  # type: ignore[operator]
             share = (rl - fixed) / (oracle - fixed)  # type: ignore[operator]
-        out.append({"aki": aki, "per_frame": always, **values, "rl_share": share})
+        entry = {"aki": aki, "per_frame": always, **values, "rl_share": share}
+        if phase_rows:
+            entry["fixed_phases"] = phase_spread(phase_rows, aki)
+        out.append(entry)
     return out
 
 
@@ -250,19 +294,30 @@ def comparison_table(compared: Sequence[dict[str, Any]]) -> str:
     def pct(value: float | None) -> str:
         return "—" if value is None else f"{100 * value:.1f}"
 
+    def band(spread: dict[str, Any] | None) -> str:
+        if spread is None:
+            return "—"
+        return f"{pct(spread['mean'])} ({pct(spread['min'])}–{pct(spread['max'])})"
+
+    phases = any("fixed_phases" in c for c in compared)
     lines = [
-        "| AKI | " + " | ".join(COMPARED) + " | per-frame N | RL share of oracle gain |",
-        "|---:|" + "---:|" * (len(COMPARED) + 2),
+        "| AKI | "
+        + " | ".join(COMPARED)
+        + " | per-frame N | RL share of oracle gain |"
+        + (" fixed over its key phases: mean (min–max) |" if phases else ""),
+        "|---:|" + "---:|" * (len(COMPARED) + 2 + phases),
     ]
     for c in compared:
         cells = " | ".join(pct(c[name]) for name in COMPARED)
         share = "—" if c["rl_share"] is None else f"{100 * c['rl_share']:.0f} %"
-        lines.append(f"| {c['aki']:g} | {cells} | {pct(c['per_frame'])} | {share} |")
+        extra = f" {band(c.get('fixed_phases'))} |" if phases else ""
+        lines.append(f"| {c['aki']:g} | {cells} | {pct(c['per_frame'])} | {share} |{extra}")
     return "\n".join(lines)
 
 
 def _write_outputs(
     rows: list[dict[str, Any]],
+    phases: Sequence[Sequence[dict[str, Any]]],
     costs: StageCosts,
     clock: dict[str, float],
     tables: Sequence[PairTable],
@@ -281,10 +336,17 @@ def _write_outputs(
     if panels:
         figures.plot_masks(panels, out / "fig8_masks.png")
     figures.write_table(rows, out / "results.md")
-    compared = comparison(rows)
+    compared = comparison(rows, phase_rows=phases)
     (out / "comparison.md").write_text(
         "mIoU % at equal AKI: each scheduler's best settings (all knobs; all eta for rl), linearly "
-        "interpolated in AKI; — where its settings did not reach that AKI.\n\n"
+        "interpolated in AKI; — where its settings did not reach that AKI."
+        + (
+            f" The last column: fixed with its key grid moved by k/{FIXED_PHASES} of an interval "
+            "(k = 0 is the fixed column), the spread that chance alone gives a scheduler here."
+            if phases
+            else ""
+        )
+        + "\n\n"
         + comparison_table(compared)
         + "\n"
     )
