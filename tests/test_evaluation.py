@@ -38,6 +38,7 @@ from facestream.training.evaluation import (
     per_class_iou,
     replay,
 )
+from facestream.training.manifest import ReversedClip
 from facestream.training.oracle import Oracle
 from facestream.training.sweep import at_aki, best_front, comparison, comparison_table, fixed_phase_rows
 
@@ -360,6 +361,23 @@ def test_fixed_phase_rows_start_with_the_fixed_sweep(table: PairTable, nets: Net
         assert row["miou"] == pytest.approx(miou(walk.confusion)) and row["aki"] == walk.frames / walk.keys
     moved = {n: row["aki"] for n, row in zip(FIXED_GRID, phases[2], strict=True)}
     assert moved[5] < phases[0][FIXED_GRID.index(5)]["aki"]  # the first key came earlier: more keys
+
+
+def test_reversed_clip_plays_the_clip_backwards(clip: FakeClip, table: PairTable, nets: Networks) -> None:
+    """ReversedClip (train policy --reverse): frame i is frame T-1-i with its label and square, so
+    its pair table scores the same frames as keys, and its own cache entry."""
+    back = ReversedClip(clip)
+    frames = list(clip.frames())
+    last = len(frames) - 1
+    assert back.clip_id == "fake@rev" and back.meta is None
+    assert all(a is b for a, b in zip(back.frames(), frames[::-1], strict=True))
+    assert back.labelled == [i for i in range(last + 1) if i != last - 9]
+    assert back.box(0) == clip.box(last) and (back.label(2) == clip.label(last - 2)).all()
+    reversed_table = build_pair_table(back, nets, EvalConfig(max_gap=4, batch=3), progress=False)
+    assert (reversed_table.scored == table.scored[::-1]).all()
+    np.testing.assert_array_equal(reversed_table.confusion[:, 0], table.confusion[::-1, 0])
+    assert reversed_table.valid[:, 1:].sum() == table.valid[:, 1:].sum()
+    assert reversed_table.valid[6, 1] and not reversed_table.valid[5, 1]  # frame 4 (9 of the clip) is unscored
 
 
 def test_subsampled_table_is_the_clip_played_faster(table: PairTable) -> None:

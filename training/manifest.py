@@ -309,6 +309,38 @@ def label_300vw(
     return write_labels(video.video, out, annotate, source, max_frames=max_frames, progress=progress)
 
 
+class ReversedClip:
+    """A clip played backwards (``<id>@rev``): frame i is the clip's frame T-1-i, with its label
+    and face square. A talking face moves the same way in either direction, so the scheduler
+    training sets can learn from twice the video (``facestream train policy --reverse``)."""
+
+    def __init__(self, clip: Clip) -> None:
+        self.clip_id = f"{clip.clip_id}@rev"
+        self._clip = clip
+        self._frames: list[np.ndarray] | None = None
+        meta = getattr(clip, "meta", None)
+        self.meta = None if meta is None else {**meta, "reversed": True}  # the pair-table cache key
+
+    def _all(self) -> list[np.ndarray]:
+        if self._frames is None:
+            self._frames = list(self._clip.frames())
+        return self._frames
+
+    def frames(self) -> Iterator[np.ndarray]:
+        return reversed(self._all())
+
+    @property
+    def labelled(self) -> list[int]:
+        last = len(self._all()) - 1
+        return sorted(last - i for i in self._clip.labelled)
+
+    def label(self, index: int) -> np.ndarray:
+        return self._clip.label(len(self._all()) - 1 - index)
+
+    def box(self, index: int) -> Box | None:
+        return self._clip.box(len(self._all()) - 1 - index)
+
+
 class MaskClip:
     """A 300VW-Mask video: its images are already face crops, so the crop box is the whole image.
 

@@ -9,7 +9,13 @@ from pathlib import Path
 
 from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS
 from facestream.models.config import POLICY_CUES, check_cues
-from facestream.training.manifest import DEFAULT_TEACHER, ManifestError, load_manifest, open_clips
+from facestream.training.manifest import (
+    DEFAULT_TEACHER,
+    ManifestError,
+    ReversedClip,
+    load_manifest,
+    open_clips,
+)
 from facestream.training.runs import RunError, set_threads
 
 
@@ -178,6 +184,11 @@ def _tables_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-track", action="store_true", help="tables with each key's face square held (not moved)"
     )
+    parser.add_argument(
+        "--reverse",
+        action="store_true",
+        help="also learn from every clip of the set played backwards (twice the tables)",
+    )
 
 
 def _pair_tables(args: argparse.Namespace) -> tuple[list, str]:
@@ -190,6 +201,8 @@ def _pair_tables(args: argparse.Namespace) -> tuple[list, str]:
     manifest = load_manifest(args.manifest)
     progress = not args.no_progress
     clips = open_clips(manifest, args.set, teacher=args.teacher, labels_dir=args.labels, progress=progress)
+    if args.reverse:
+        clips += [ReversedClip(c) for c in clips]
     config = EvalConfig(max_gap=args.max_gap, track=not args.no_track)
     fingerprint = weights.fingerprint(PAIR_NETWORKS)
     tables = [cached_pair_table(c, networks, fingerprint, config, args.cache, progress) for c in clips]
@@ -197,6 +210,7 @@ def _pair_tables(args: argparse.Namespace) -> tuple[list, str]:
         f"manifest {manifest.name}, set {args.set}, teacher {args.teacher} labels; "
         f"N+F weights {fingerprint}; warp flow {args.flow}"
         + ("; key squares held" if args.no_track else "; non-key crops follow the face")
+        + ("; every clip also played backwards" if args.reverse else "")
     )
     return tables, source
 
