@@ -48,7 +48,7 @@ $(MEDIAPIPE_VENV)/bin/python:
 	$(MEDIAPIPE_VENV)/bin/pip install --quiet mediapipe==0.10.21 || { rm -rf $(MEDIAPIPE_VENV); exit 1; }
 	$(MEDIAPIPE_VENV)/bin/python -c "import mediapipe; print('mediapipe', mediapipe.__version__)"
 
-train-all: teacher-mediapipe ## reproduce models/weights from scratch (about 2 h on 2 cores; rerun to resume)
+train-all: teacher-mediapipe ## reproduce models/weights from scratch (about 3 h on 2 cores; rerun to resume)
 	$(BIN)/facestream train segmentation --out $(RUNS)/segmentation --threads 2
 	$(BIN)/facestream train flow --segmentation $(RUNS)/segmentation/segmentation.safetensors --out $(RUNS)/flow --threads 2
 	$(BIN)/facestream train ship --runs $(RUNS) --out models/weights
@@ -56,7 +56,7 @@ train-all: teacher-mediapipe ## reproduce models/weights from scratch (about 2 h
 	$(BIN)/facestream train ship --runs $(RUNS) --out models/weights  # the policies start from this DVSNet head
 	for eta in $(ETAS); do \
 		$(BIN)/facestream train policy --weights models/weights --eta $$eta --episodes 4800 \
-			--init-trunk models/weights/dvsnet.safetensors --freeze-trunk --cues residual_face,residual_parts \
+			--init-trunk models/weights/dvsnet.safetensors --freeze-trunk --cues residual_face,residual_parts --reverse \
 			--out $(RUNS)/policy-eta$$eta --threads 2 || exit 1; \
 	done
 	$(BIN)/facestream train ship --runs $(RUNS) --out models/weights --etas "$$(echo $(ETAS) | tr ' ' ,)"
