@@ -218,6 +218,9 @@ def evaluate(
     start = time.perf_counter()
     costs = measure_costs(networks)
     settings, _, _ = run_settings(tables, networks, options)
+    phases = []
+    if "fixed" in options.schedulers and options.sweep:
+        phases = fixed_phase_rows(tables, networks, options.config.window)
     clock["replay_s"] = time.perf_counter() - start
     start = time.perf_counter()
     oracle = Oracle([t.frame_miou()[a:b] for t in tables for a, b in t.episodes()])
@@ -228,9 +231,6 @@ def evaluate(
     }
     clock["oracle_s"] = time.perf_counter() - start
     rows = [row(s, costs, timeline_clip) for s in settings]
-    phases = []
-    if "fixed" in options.schedulers and options.sweep:
-        phases = fixed_phase_rows(tables, networks, options.config.window)
     add_shares(rows, oracle_rows)
     shown = {s.walk.keys for s in settings if s.scheduler in ("fixed", "always")}
     rows += [
