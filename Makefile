@@ -52,6 +52,8 @@ train-all: teacher-mediapipe ## reproduce models/weights from scratch (about 3 h
 	$(BIN)/facestream train segmentation --out $(RUNS)/segmentation --threads 2
 	$(BIN)/facestream train flow --segmentation $(RUNS)/segmentation/segmentation.safetensors --out $(RUNS)/flow --threads 2
 	$(BIN)/facestream train ship --runs $(RUNS) --out models/weights
+	$(BIN)/facestream train correction --weights models/weights --out $(RUNS)/correction --threads 2
+	$(BIN)/facestream train ship --runs $(RUNS) --out models/weights  # the pair tables below use the corrector
 	$(BIN)/facestream train dvsnet --weights models/weights --out $(RUNS)/dvsnet --threads 2
 	$(BIN)/facestream train ship --runs $(RUNS) --out models/weights  # the policies start from this DVSNet head
 	for eta in $(ETAS); do \

@@ -31,7 +31,7 @@ class OrtNetworks(Networks):
         graphs = graphs if graphs is not None else cached_export(weights)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Six sessions share the cores; idle pools must not spin while another session runs.
+        # Up to seven sessions share the cores; idle pools must not spin while another session runs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
@@ -47,6 +47,7 @@ class OrtNetworks(Networks):
             has_policy="policy" in self.sessions,
             has_dvsnet="dvsnet" in self.sessions,
             policy_cues=_config(weights, "policy").cues if "policy" in self.sessions else (),
+            correction=_config(weights, "correction") if "correction" in self.sessions else None,
         )
 
     def _run(self, name: str, **inputs: np.ndarray) -> list[np.ndarray]:
@@ -72,3 +73,8 @@ class OrtNetworks(Networks):
     def dvsnet_score(self, conv6: np.ndarray) -> np.ndarray:
         self._require("dvsnet", self.has_dvsnet)
         return self._run("dvsnet", conv6=conv6)[0]
+
+    def _correct(
+        self, current: np.ndarray, key: np.ndarray, flow: np.ndarray, scores: np.ndarray
+    ) -> np.ndarray:
+        return self._run("correction", current=current, key=key, flow=flow, scores=scores)[0]

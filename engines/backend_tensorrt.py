@@ -196,6 +196,7 @@ class TensorRTNetworks(Networks):
             has_policy="policy" in self.engines,
             has_dvsnet="dvsnet" in self.engines,
             policy_cues=_config(weights, "policy").cues if "policy" in self.engines else (),
+            correction=_config(weights, "correction") if "correction" in self.engines else None,
         )
         self.warp_impl = "engine"
         self.warp_note = "TensorRT warp engine"
@@ -227,6 +228,10 @@ class TensorRTNetworks(Networks):
     def dvsnet_score(self, conv6: np.ndarray) -> np.ndarray:
         self._require("dvsnet", self.has_dvsnet)
         return self.engines["dvsnet"].run(conv6=conv6)["score"]
+
+    def _correct(self, current: np.ndarray, key: np.ndarray, flow: Array, scores: Array) -> np.ndarray:
+        out = self.engines["correction"].run(current=current, key=key, flow=flow, scores=scores)
+        return out["corrected"]
 
     # ----------------------------------------------------------------- GPU extras
 

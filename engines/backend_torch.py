@@ -32,12 +32,16 @@ class TorchNetworks(Networks):
         self.flow_net = weights.load("flow").to(self.device)
         self.policy_net: Any = weights.load("policy").to(self.device) if weights.has("policy") else None
         self.dvsnet_net: Any = weights.load("dvsnet").to(self.device) if weights.has("dvsnet") else None
+        self.correction_net: Any = (
+            weights.load("correction").to(self.device) if weights.has("correction") else None
+        )
         super().__init__(
             self.segmentation_net.config,
             self.flow_net.config,
             has_policy=self.policy_net is not None,
             has_dvsnet=self.dvsnet_net is not None,
             policy_cues=self.policy_net.config.cues if self.policy_net is not None else (),
+            correction=self.correction_net.config if self.correction_net is not None else None,
         )
 
     def _in(self, array: np.ndarray) -> torch.Tensor:
@@ -84,3 +88,11 @@ class TorchNetworks(Networks):
         self._require("dvsnet", self.dvsnet_net is not None)
         with self._autocast():
             return self._out(self.dvsnet_net(self._in(conv6)))
+
+    @torch.inference_mode()
+    def _correct(
+        self, current: np.ndarray, key: np.ndarray, flow: np.ndarray, scores: np.ndarray
+    ) -> np.ndarray:
+        with self._autocast():
+            inputs = (self._in(current), self._in(key), self._in(flow), self._in(scores))
+            return self._out(self.correction_net(*inputs))

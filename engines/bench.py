@@ -53,8 +53,8 @@ WARMUP = 3
 AKIS = (1, 10, 30, 120)
 DYNAMIC = ("flow", "dvsnet", "rl")
 SCHEDULERS = ("fixed", "random", *DYNAMIC)
-NET_STAGES = ("flow", "warp", "policy", "dvsnet")
-NONKEY_STAGES = ("crop", "flow", "warp", "task")
+NET_STAGES = ("flow", "warp", "correct", "policy", "dvsnet")
+NONKEY_STAGES = ("crop", "flow", "warp", "correct", "task")
 KEY_ABOVE = {"flow": True, "dvsnet": False, "rl": True}  # key when value > knob, else value < knob
 KNOB_RANGE = {"flow": (0.0, np.inf), "dvsnet": (-np.inf, np.inf), "rl": (0.0, 1.0)}
 TARGET_NONKEY_MS = 15.0  # ONNX Runtime non-key frame at 256², 2 threads
@@ -68,6 +68,7 @@ STAGE_LABELS = {
     "key:resnet50": "N_feat ResNet-50",
     "flow": "FlowNet2-s",
     "warp": "warp",
+    "correct": "warp corrector",
     "policy": "RL policy",
     "dvsnet": "DVSNet head",
     "nonkey": "non-key frame",
@@ -444,12 +445,19 @@ def _network_calls(
     flow = networks.flow(pair)
     expert = np.zeros((1, networks.expert_size), dtype=np.float32)
     expert[0, :2] = (1 / 30, 10 / 90)
-    return {
+    calls = {
         "flow": lambda: networks.flow(pair),
         "warp": lambda: networks.warp(features, flow.flow, flow.scale),
         "policy": lambda: networks.key_probability(flow.conv6, expert),
         "dvsnet": lambda: networks.dvsnet_score(flow.conv6),
     }
+    correction = networks.correction_config
+    if correction is not None:
+        side = correction.image_size
+        crops = (to_chw(_square(current, side))[None], to_chw(_square(key, side))[None])
+        scores = networks.task(features)
+        calls["correct"] = lambda: networks.correct(*crops, flow.flow, scores)
+    return calls
 
 
 def _nonkey_row(

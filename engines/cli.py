@@ -11,6 +11,7 @@ from facestream.engines.backend_choice import BackendUnavailable
 from facestream.engines.backends import BACKENDS, CPU_BACKENDS, DEFAULT_BACKEND
 from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS, add_dis_size_argument
 from facestream.engines.export import export_onnx
+from facestream.engines.pipeline import add_correct_argument
 from facestream.engines.schedulers import SCHEDULERS
 from facestream.engines.segment import SegmentOptions, run_segment
 from facestream.engines.tensorrt_build import (
@@ -87,6 +88,7 @@ class SegmentCommand:
         parser.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND)
         _flow_argument(parser)
         add_dis_size_argument(parser)
+        add_correct_argument(parser)
         parser.add_argument("--size", type=int, help="face crop side in pixels (must match the weights)")
         _weights_argument(parser)
         parser.add_argument("--out", type=Path, metavar="VIDEO", help="write an overlay video (mp4)")
@@ -113,6 +115,7 @@ class SegmentCommand:
                 progress=not args.no_progress,
                 flow=args.flow,
                 dis_size=args.dis_size,
+                correct=args.correct,
             )
             report = run_segment(options)
         except (WeightsError, ValueError, OSError, BackendUnavailable, TensorRTError) as exc:

@@ -3,7 +3,8 @@
 :class:`DisFlowNetworks` wraps any :class:`Networks` and answers :meth:`~Networks.flow` with
 Dense Inverse Search (Kroeger et al., ECCV 2016; ``cv2.DISOpticalFlow``, medium preset) on the
 greyscale face crops at N's input size (256² by default; ``size`` sets another) instead of
-FlowNet2-s; N_feat, N_task, the warp, the policy and the DVSNet head are the wrapped networks'.
+FlowNet2-s; N_feat, N_task, the warp, the policy, the DVSNet head and the warp corrector are the wrapped
+networks'.
 DIS predicts no DFF scale field (it is 1 everywhere) and has no Conv6 features: the ``rl`` and
 ``dvsnet`` schedulers read those from the wrapped F, which then runs as well (``conv6=True``);
 otherwise F never runs and Conv6 is zeros.
@@ -69,6 +70,7 @@ class DisFlowNetworks(Networks):
             has_policy=inner.has_policy,
             has_dvsnet=inner.has_dvsnet,
             policy_cues=inner.policy_cues,
+            correction=inner.correction_config,
         )
         self.inner = inner
         self.conv6 = conv6
@@ -106,6 +108,11 @@ class DisFlowNetworks(Networks):
 
     def dvsnet_score(self, conv6: np.ndarray) -> np.ndarray:
         return self.inner.dvsnet_score(conv6)
+
+    def _correct(
+        self, current: np.ndarray, key: np.ndarray, flow: np.ndarray, scores: np.ndarray
+    ) -> np.ndarray:
+        return self.inner.correct(current, key, flow, scores)
 
     def flow(self, pairs: np.ndarray) -> FlowResult:
         """DIS flow from each current frame to its key frame, on the warp grid; scale 1; Conv6

@@ -11,6 +11,8 @@ flow                       pair (B,6,Sf,Sf)                    flow, scale, conv
 warp                       features, flow, scale               warped
 policy                     conv6, expert (B,2+cues)            key_probability (B,)
 dvsnet                     conv6                               score (B,)
+correction                 current, key (B,3,I,I), flow,       corrected (B,K,S/4,S/4)
+                           scores
 =========================  ==================================  ===============================
 """
 
@@ -104,6 +106,18 @@ def graph_specs(weights: WeightSet) -> list[GraphSpec]:
         )
     if weights.has("dvsnet"):
         specs.append(GraphSpec("dvsnet", weights.load("dvsnet"), {"conv6": conv6}, ("score",)))
+    if weights.has("correction"):
+        corrector = weights.load("correction")
+        side = corrector.config.image_size
+        crops = (1, 3, side, side)
+        scores = (1, corrector.config.num_classes, *grid[2:])
+        inputs: dict[str, tuple[int, ...]] = {
+            "current": crops,
+            "key": crops,
+            "flow": (1, 2, *grid[2:]),
+            "scores": scores,
+        }
+        specs.append(GraphSpec("correction", corrector, inputs, ("corrected",)))
     return specs
 
 

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from facestream.models.config import FlowConfig, SegmentationConfig
+from facestream.models.config import CorrectionConfig, FlowConfig, SegmentationConfig
 
 
 class FlowResult(NamedTuple):
@@ -33,7 +33,17 @@ class Networks(ABC):
         has_policy: bool,
         has_dvsnet: bool,
         policy_cues: tuple[str, ...] = (),
+        correction: CorrectionConfig | None = None,
     ) -> None:
+        if correction is not None and (
+            correction.grid_size != segmentation.feature_size
+            or correction.num_classes != segmentation.num_classes
+        ):
+            raise ValueError(
+                f"the warp corrector works on {correction.num_classes} classes at "
+                f"{correction.grid_size}², N on {segmentation.num_classes} at {segmentation.feature_size}²: "
+                "retrain it for these weights"
+            )
         if flow.warp_size != segmentation.feature_size:
             raise ValueError(
                 f"flow network warps a {flow.warp_size}² grid but N_feat outputs "
@@ -50,6 +60,12 @@ class Networks(ABC):
         self.has_dvsnet = has_dvsnet
         # The per-frame cues the key policy takes after [KAR, LKD] (PolicyConfig.cues; engines.cues)
         self.policy_cues = tuple(policy_cues)
+        # The warp corrector's config, or None when the weights have none (models.correction)
+        self.correction_config = correction
+
+    @property
+    def has_correction(self) -> bool:
+        return self.correction_config is not None
 
     @property
     def expert_size(self) -> int:
@@ -91,6 +107,19 @@ class Networks(ABC):
     @abstractmethod
     def dvsnet_score(self, conv6: np.ndarray) -> np.ndarray:
         """DVSNet's predicted score of the warped result, (B,) in [0, 1]."""
+
+    def correct(
+        self, current: np.ndarray, key: np.ndarray, flow: np.ndarray, scores: np.ndarray
+    ) -> np.ndarray:
+        """The warp corrector: crops (B, 3, I, I) in [0, 1] (I = ``correction_config.image_size``),
+        flow (B, 2, h, w) and warped key scores (B, K, h, w) -> corrected scores (B, K, h, w)."""
+        self._require("correction", self.has_correction)
+        return self._correct(current, key, flow, scores)
+
+    def _correct(
+        self, current: np.ndarray, key: np.ndarray, flow: np.ndarray, scores: np.ndarray
+    ) -> np.ndarray:
+        raise NotImplementedError(f"{type(self).__name__} cannot run the warp corrector")
 
     def _require(self, name: str, present: bool) -> None:
         if not present:

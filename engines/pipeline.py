@@ -8,6 +8,10 @@ Whatever the scheduler says, a frame whose last key is more than ``max_key_dista
 (90: the decision window, and the evaluation's gap limit) is a key: a learnt policy that has settled into
 "never key" on a calm video cannot leave a stream on one stale key frame.
 
+With weights that include the warp corrector (``correction.safetensors``; not in the paper) and
+``correct=True`` (the default), every non-key frame's warped scores go through it, with the
+current crop and the key crop warped by the same flow (:mod:`facestream.models.correction`).
+
 Non-key crops are cut from the key's square moved with the face (``track``, the default): after
 each non-key frame the square shifts by the face's median flow (:func:`track_box`), so a face that
 moves fast stays inside the crop. With ``track=False`` the key's square is held until the next key.
@@ -16,9 +20,10 @@ moves fast stays inside the crop. With ``track=False`` the key's square is held 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import cv2
 import numpy as np
@@ -40,7 +45,7 @@ class FrameResult:
     """The outcome of one frame.
 
     ``mask``: (H, W) uint8 class ids in full-frame coordinates, or None when no face was found.
-    ``timings``: milliseconds per stage (crop, detect, flow, policy, key, warp, task, total).
+    ``timings``: milliseconds per stage (crop, detect, flow, policy, key, warp, correct, task, total).
     ``value``: what the scheduler compared with its knob (probability, score, magnitude, ...).
     """
 
@@ -61,6 +66,7 @@ class _KeyCache:
     flow_image: np.ndarray  # (3, Sf, Sf) I_k at the flow network's input size, [0, 1]
     scores: np.ndarray | None = None  # (K, S/4, S/4) the key's class scores
     maps: np.ndarray | None = None  # engines.cues.key_maps of the key, made when a cue needs them
+    small: np.ndarray | None = None  # (3, I, I) the key crop at the warp corrector's input size
 
     def cue_maps(self) -> np.ndarray:
         if self.maps is None:
@@ -92,6 +98,25 @@ def flow_image(crop: np.ndarray, size: int) -> np.ndarray:
     if crop.shape[0] != size:
         crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
     return to_chw(crop)
+
+
+def resized_chw(image: np.ndarray, size: int) -> np.ndarray:
+    """(3, S, S) float32 image area-resized to (3, size, size) (unchanged when S == size)."""
+    if image.shape[-1] == size:
+        return image
+    small = cv2.resize(image.transpose(1, 2, 0), (size, size), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(small.transpose(2, 0, 1))
+
+
+def add_correct_argument(parser: Any) -> None:
+    """``--no-correct``: leave the warp corrector out of non-key frames (``args.correct``)."""
+    parser.add_argument(
+        "--no-correct",
+        dest="correct",
+        action="store_false",
+        help="do not run the warp corrector on non-key frames (the paper's pipeline; it runs by "
+        "default when the weights have correction.safetensors)",
+    )
 
 
 def mask_confidence(scores: np.ndarray) -> float:
@@ -149,6 +174,7 @@ class StreamSegmenter:
         window: int = WINDOW,
         track: bool = True,
         max_key_distance: int | None = WINDOW,
+        correct: bool = True,
     ) -> None:
         check_scheduler(scheduler, networks)
         if max_key_distance is not None and max_key_distance < 1:
@@ -159,6 +185,8 @@ class StreamSegmenter:
         self.locator = locator or FaceLocator()
         self.window = window
         self.track = track
+        # the warp corrector runs on non-key frames when the weights have one and it is wanted
+        self.correct = correct and networks.has_correction
         self.reset()
 
     def reset(self) -> None:
@@ -233,7 +261,7 @@ class StreamSegmenter:
         timer.timings["policy"] -= timer.timings.get("flow", 0.0) + timer.timings.get("crop", 0.0)
         if decision.key:
             return self._key(frame, timer, decision.value, start)
-        return self._nonkey(frame, flow(), cache, timer, decision.value)
+        return self._nonkey(frame, flow(), current[0], cache, timer, decision.value)
 
     def _flow_image(self, crop: np.ndarray) -> np.ndarray:
         return flow_image(crop, self.networks.flow_input_size)
@@ -265,6 +293,7 @@ class StreamSegmenter:
         self,
         frame: np.ndarray,
         flow: FlowResult,
+        current: np.ndarray,
         cache: _KeyCache,
         timer: _Timer,
         value: float | None,
@@ -273,7 +302,19 @@ class StreamSegmenter:
             features = self.networks.warp(cache.features, flow.flow, flow.scale)
         self.history.record(False)
         box = cache.crop_box
-        result, scores = self._finish(frame, features, box, False, timer, value)
+
+        def correct(scores: np.ndarray) -> np.ndarray:
+            with timer.stage("correct"):
+                config = self.networks.correction_config
+                assert config is not None
+                if cache.small is None:
+                    cache.small = resized_chw(cache.flow_image, config.image_size)
+                small = resized_chw(current, config.image_size)
+                return self.networks.correct(small[None], cache.small[None], flow.flow, scores[None])[0]
+
+        result, scores = self._finish(
+            frame, features, box, False, timer, value, correct if self.correct else None
+        )
         if self.track:
             with timer.stage("warp"):  # moving the crop with the face is part of the warp
                 cache.crop_box = track_box(box, cache.box, flow.flow[0], scores)
@@ -287,10 +328,15 @@ class StreamSegmenter:
         key: bool,
         timer: _Timer,
         value: float | None,
+        correct: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> tuple[FrameResult, np.ndarray]:
-        """The frame's result, and its (K, h, w) class scores over ``box``."""
+        """The frame's result, and its (K, h, w) class scores over ``box`` (after ``correct``,
+        the warp corrector of a non-key frame, when given)."""
         with timer.stage("task"):
             scores = self.networks.task(features)[0]
+        if correct is not None:
+            scores = correct(scores)
+        with timer.stage("task"):
             mask = paste_scores(scores, box, frame.shape[:2])
             self._last_mask, self._last_confidence = mask, mask_confidence(scores)
             self._last_square = box

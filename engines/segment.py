@@ -40,6 +40,7 @@ class SegmentOptions:
     progress: bool = True
     flow: str = DEFAULT_FLOW
     dis_size: int | None = None  # side of the face crops DIS sees (None: N's input)
+    correct: bool = True  # the warp corrector on non-key frames, when the weights have one
 
 
 class _Outputs:
@@ -90,7 +91,7 @@ def run_segment(options: SegmentOptions) -> dict[str, Any]:
         dis_size=options.dis_size,
     )
     check_size(options.size, networks.segmentation_config.input_size)
-    segmenter = StreamSegmenter(networks, scheduler)
+    segmenter = StreamSegmenter(networks, scheduler, correct=options.correct)
     source = open_source(options.source, max_frames=options.max_frames)
     outputs = _Outputs(options, source.fps)
     stats, counts = StageStats(), {"frames": 0, "keys": 0, "faces": 0, "bad": 0}
@@ -164,6 +165,7 @@ def _report(options, weights, networks, scheduler, source, stats, counts, wall) 
             "split": networks.segmentation_config.split,
         },
         "flow": options.flow,
+        "correction": options.correct and networks.has_correction,
         "flow_input_size": networks.flow_input_size,
         "weights": {"dir": str(weights.directory), "sha256": weights.hashes()},
         "stages_ms": summary,

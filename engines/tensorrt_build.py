@@ -12,9 +12,9 @@ and the maximum batch (:class:`EngineKey`): a new GPU, TensorRT or weight set bu
 FP16: TensorRT 10 takes the FP32 graphs with ``BuilderFlag.FP16`` (weak typing). TensorRT 11
 removed weak typing (every network is strongly typed, precision comes from the graph), so there
 the graphs are exported once more with FP16 weights and compute between FP32 inputs and outputs
-(:func:`export_fp16_onnx`). The warp engine is FP32 in both cases (:data:`FP32_GRAPHS`: its
-index arithmetic does not export in FP16, sampling positions want FP32, and it is memory-bound
-anyway). Engine inputs and outputs are FP32 in every case.
+(:func:`export_fp16_onnx`). The warp and warp-corrector engines are FP32 in both cases
+(:data:`FP32_GRAPHS`: the warp's index arithmetic does not export in FP16, sampling positions want
+FP32, and both are small or memory-bound anyway). Engine inputs and outputs are FP32 in every case.
 
 ``tensorrt`` is imported lazily (:func:`import_tensorrt`): this module imports without it, and
 using it raises :class:`TensorRTUnavailable` naming the fix.
@@ -47,7 +47,7 @@ ENGINE_FORMAT = "facestream-trt-1"  # bump when the way engines are built change
 PRECISIONS = ("fp16", "fp32")
 DEFAULT_MAX_BATCH = 8
 OPT_BATCH = 1  # the streaming service runs one frame per call; batches up to max_batch still work
-FP32_GRAPHS = frozenset({"warp"})  # FP32 engines even when the others are FP16
+FP32_GRAPHS = frozenset({"warp", "correction"})  # FP32 engines even when the others are FP16
 INSTALL_HINT = "pip install 'facestream[gpu]' (TensorRT and pycuda; needs an NVIDIA CUDA GPU and driver)"
 
 Progress = Callable[[str], None]

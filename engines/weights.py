@@ -1,7 +1,8 @@
 """Network weights on disk: one safetensors file per network, its config in the metadata.
 
 A weights directory holds ``segmentation.safetensors`` and ``flow.safetensors`` (required) and
-``policy.safetensors`` / ``dvsnet.safetensors`` (needed by the ``rl`` / ``dvsnet`` schedulers).
+``policy.safetensors`` / ``dvsnet.safetensors`` (needed by the ``rl`` / ``dvsnet`` schedulers) and
+``correction.safetensors`` (the warp corrector of non-key frames; used when present).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from facestream.models import DeepLabV3Plus, DVSNetHead, FlowNet2S, KeyPolicy
+from facestream.models import DeepLabV3Plus, DVSNetHead, FlowNet2S, KeyPolicy, WarpCorrector
 from facestream.models.config import (
+    CorrectionConfig,
     DVSNetConfig,
     FlowConfig,
     PolicyConfig,
@@ -33,6 +35,7 @@ FILES = {
     "flow": "flow.safetensors",
     "policy": "policy.safetensors",
     "dvsnet": "dvsnet.safetensors",
+    "correction": "correction.safetensors",
 }
 REQUIRED = ("segmentation", "flow")
 FORMAT = "facestream-weights-1"
@@ -47,6 +50,7 @@ _MODULES: dict[type, type[nn.Module]] = {
     FlowConfig: FlowNet2S,
     PolicyConfig: KeyPolicy,
     DVSNetConfig: DVSNetHead,
+    CorrectionConfig: WarpCorrector,
 }
 
 
@@ -172,7 +176,7 @@ def write_random_weights(
     seed: int = 0,
     policy_cues: tuple[str, ...] = (),
 ) -> WeightSet:
-    """Randomly initialised weights for all four networks -- for tests and speed benchmarks only.
+    """Randomly initialised weights for all five networks -- for tests and speed benchmarks only.
     ``policy_cues``: the cues the random policy takes (PolicyConfig.cues).
 
     Every file's model card says ``"trained": false`` so that nobody mistakes them for a model.
@@ -189,9 +193,18 @@ def write_random_weights(
         "flow": flow,
         "policy": PolicyConfig(in_channels=six[0], conv6_size=six[1], cues=policy_cues),
         "dvsnet": DVSNetConfig(in_channels=six[0], conv6_size=six[1]),
+        "correction": CorrectionConfig(
+            num_classes=segmentation.num_classes,
+            image_size=2 * segmentation.feature_size,
+            grid_size=segmentation.feature_size,
+            protect=(2,) if segmentation.num_classes > 2 else (),  # as shipped: eyes left to the warp
+        ),
     }
     torch.manual_seed(seed)
     card = {"trained": False, "note": "random initialisation for tests and speed benchmarks"}
     for name, config in configs.items():
-        save_network(build_network(config), Path(directory) / FILES[name], card)
+        network = build_network(config)
+        if isinstance(network, WarpCorrector):  # its head starts at zero (identity): perturb it
+            nn.init.normal_(network.head.weight, std=0.1)
+        save_network(network, Path(directory) / FILES[name], card)
     return find_weights(directory)

@@ -5,9 +5,11 @@
 * :func:`warp` -- the Deep Feature Flow propagation ``W(f_k, M, S)``.
 * :class:`KeyPolicy` -- the reinforcement-learned key scheduler's policy network.
 * :class:`DVSNetHead` -- the DVSNet baseline's expected-score regressor.
+* :class:`WarpCorrector` -- residual scores for warped non-key frames (not in the paper).
 """
 
 from facestream.models.config import (
+    CorrectionConfig,
     DVSNetConfig,
     FlowConfig,
     PolicyConfig,
@@ -15,6 +17,7 @@ from facestream.models.config import (
     config_from_dict,
     config_to_dict,
 )
+from facestream.models.correction import WarpCorrector
 from facestream.models.deeplab import DeepLabV3Plus
 from facestream.models.dvsnet import DVSNetHead
 from facestream.models.flownet import FlowNet2S
@@ -25,6 +28,7 @@ CLASS_NAMES = ("background", "skin", "eyes", "outer_mouth", "inner_mouth")
 
 __all__ = [
     "CLASS_NAMES",
+    "CorrectionConfig",
     "DVSNetConfig",
     "DVSNetHead",
     "DeepLabV3Plus",
@@ -33,6 +37,7 @@ __all__ = [
     "KeyPolicy",
     "PolicyConfig",
     "SegmentationConfig",
+    "WarpCorrector",
     "config_from_dict",
     "config_to_dict",
     "warp",

@@ -173,11 +173,49 @@ class DVSNetConfig:
         _check_sizes(self, ("in_channels", "conv6_size", "conv_channels"))
 
 
+@dataclass(frozen=True)
+class CorrectionConfig:
+    """The warp corrector (not in the paper): on a non-key frame, residual class scores from the
+    current crop, the key crop warped by the same flow and the warped key scores.
+
+    ``image_size``: side of the two crops it sees (N's crop area-resized); ``grid_size``: side of
+    the class-score grid it corrects (N's stride-4 grid); ``dilations``: one residual 3x3 block
+    per entry at ``width`` channels (1, 2, 4, 8 see about 60 grid pixels: the whole face).
+    ``protect``: classes the corrector leaves to the warp: their scores get no residual, and
+    neither does any class on a pixel the warp gives to one of them (2 = eyes: a corrector trained
+    on set A erased the eyes of narrow-eyed and bespectacled faces, README "The warp corrector").
+    """
+
+    num_classes: int = 5
+    image_size: int = 128
+    grid_size: int = 64
+    width: int = 32
+    dilations: tuple[int, ...] = (1, 2, 4, 8)
+    protect: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dilations", tuple(self.dilations))  # JSON round trips give lists
+        object.__setattr__(self, "protect", tuple(self.protect))
+        _check(
+            all(0 <= c < self.num_classes for c in self.protect)
+            and len(set(self.protect)) == len(self.protect),
+            f"protect must list distinct class ids below {self.num_classes}, got {self.protect}",
+        )
+        _check(self.num_classes > 1, f"num_classes must be > 1, got {self.num_classes}")
+        _check(self.width > 0, f"width must be positive, got {self.width}")
+        _check(all(d > 0 for d in self.dilations), f"dilations must be positive, got {self.dilations}")
+        _check(
+            self.grid_size > 0 and self.image_size == 2 * self.grid_size,
+            f"image_size must be twice grid_size (a stride-2 stem), got {self.image_size}, {self.grid_size}",
+        )
+
+
 _KINDS: dict[str, type] = {
     "segmentation": SegmentationConfig,
     "flow": FlowConfig,
     "policy": PolicyConfig,
     "dvsnet": DVSNetConfig,
+    "correction": CorrectionConfig,
 }
 
 

@@ -50,7 +50,12 @@ EngineLoader = Callable[[ServiceSettings], ServiceEngine]
 
 def load_engine(settings: ServiceSettings) -> ServiceEngine:
     engine = ServiceEngine.load(
-        settings.weights, settings.backend, settings.flow, settings.threads, dis_size=settings.dis_size
+        settings.weights,
+        settings.backend,
+        settings.flow,
+        settings.threads,
+        dis_size=settings.dis_size,
+        correct=settings.correct,
     )
     engine.warm_up()
     return engine

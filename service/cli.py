@@ -41,6 +41,13 @@ class ServeCommand:
         parser.add_argument("--flow", choices=FLOWS)
         add_dis_size_argument(parser)
         parser.add_argument("--threads", type=int, help="CPU threads for inference")
+        parser.add_argument(
+            "--no-correct",
+            dest="correct",
+            action="store_false",
+            default=None,
+            help="do not run the warp corrector on non-key frames (the paper's pipeline)",
+        )
         parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default scheduler of a stream")
         parser.add_argument("--knob", type=float, help="the default scheduler's knob")
         parser.add_argument("--max-streams", type=int)
@@ -61,6 +68,7 @@ class ServeCommand:
             "flow": args.flow,
             "dis_size": args.dis_size,
             "threads": args.threads,
+            "correct": args.correct,
             "scheduler": args.scheduler,
             "knob": args.knob,
             "max_streams": args.max_streams,

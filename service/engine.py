@@ -32,6 +32,7 @@ class ServiceEngine:
     without_conv6: Networks
     flow: str
     info: dict[str, Any] = field(default_factory=dict)
+    correct: bool = True  # run the warp corrector on non-key frames (when the weights have one)
 
     @classmethod
     def load(
@@ -42,6 +43,7 @@ class ServiceEngine:
         threads: int | None = None,
         *,
         dis_size: int | None = None,
+        correct: bool = True,
     ) -> ServiceEngine:
         start = time.perf_counter()
         found = find_weights(weights)
@@ -50,6 +52,7 @@ class ServiceEngine:
         )
         log.info("%s", choice.describe())
         engine = cls.around(found, networks, flow)
+        engine.correct = correct
         engine.info["backend_choice"] = choice.to_json()
         engine.info["load_seconds"] = round(time.perf_counter() - start, 3)
         return engine
@@ -83,7 +86,7 @@ class ServiceEngine:
         """A new stream's state around the shared networks; ValueError when the weights lack a
         network ``scheduler`` needs."""
         networks = self.with_conv6 if scheduler.needs_conv6 else self.without_conv6
-        return StreamSegmenter(networks, scheduler)
+        return StreamSegmenter(networks, scheduler, correct=self.correct)
 
     def warm_up(self) -> None:
         """Run every network once (first calls allocate and tune), timing it for ``/readyz``."""
@@ -95,6 +98,11 @@ class ServiceEngine:
         self.with_conv6.task(features)
         result = self.with_conv6.flow(rng.random((1, 6, fsize, fsize), dtype=np.float32))
         self.with_conv6.warp(features, result.flow, result.scale)
+        correction = self.with_conv6.correction_config
+        if self.correct and correction is not None:
+            side = correction.image_size
+            crops = rng.random((1, 3, side, side), dtype=np.float32)
+            self.with_conv6.correct(crops, crops, result.flow, self.with_conv6.task(features))
         if self.with_conv6.has_policy:
             expert = np.zeros((1, self.with_conv6.expert_size), np.float32)
             self.with_conv6.key_probability(result.conv6, expert)
@@ -110,5 +118,6 @@ class ServiceEngine:
             "weights": str(self.weights.directory),
             "input_size": self.with_conv6.segmentation_config.input_size,
             "schedulers": self.schedulers(),
+            "correction": self.correct and self.with_conv6.has_correction,
             **self.info,
         }

@@ -16,7 +16,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-STAGES = ("decode", "detect", "crop", "flow", "policy", "key", "warp", "task", "encode", "total")
+STAGES = ("decode", "detect", "crop", "flow", "policy", "key", "warp", "correct", "task", "encode", "total")
 """Stages timed per frame: ``decode`` (image bytes -> RGB), the pipeline's stages (``detect``
 and ``crop`` of the face box, ``flow`` F or DIS, ``policy`` the scheduler, ``key`` N_feat,
 ``warp``, ``task`` N_task), ``encode`` (mask -> PNG/RLE) and ``total`` (received -> result)."""

@@ -61,6 +61,9 @@ class ServiceSettings(BaseSettings):
         None, ge=16, le=1024, description="side of the face crops DIS sees (default: N's input, 256)"
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for inference")
+    correct: bool = Field(
+        True, description="run the warp corrector on non-key frames when the weights have one"
+    )
     scheduler: str = Field("fixed", description="default key scheduler of a new stream")
     knob: float | None = Field(None, description="the default scheduler's knob (tau, interval, ...)")
     mask_format: str = "png"

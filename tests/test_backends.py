@@ -41,7 +41,7 @@ from facestream.models.config import (
 
 ATOL = 1e-3  # the acceptance bound on ORT vs torch outputs
 ARGMAX_AGREEMENT = 0.999
-ALL_GRAPHS = ["dvsnet", "flow", "policy", "segmentation_features", "segmentation_task", "warp"]
+ALL_GRAPHS = ["correction", "dvsnet", "flow", "policy", "segmentation_features", "segmentation_task", "warp"]
 BATCH = 2  # > 1 on every graph: the batch axis must be dynamic (exported with batch 1)
 
 

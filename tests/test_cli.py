@@ -60,7 +60,8 @@ def test_segment_writes_overlay_masks_and_report(
     assert report["aki"] == pytest.approx(FRAMES / 3)
     assert report["backend"] == "onnxruntime+dis" and report["flow"] == "dis"  # the default flow
     assert report["input_size"] == 128
-    assert set(report["weights"]["sha256"]) == {"segmentation", "flow", "policy", "dvsnet"}
+    assert set(report["weights"]["sha256"]) == {"segmentation", "flow", "policy", "dvsnet", "correction"}
+    assert report["correction"] is True  # the weights have a corrector: it runs by default
     for stage in ("decode", "crop", "flow", "warp", "key", "task", "encode", "total"):
         assert {"mean", "p50", "p99"} <= set(report["stages_ms"][stage]), stage
     masks = sorted((tmp_path / "masks").glob("*.png"))
@@ -121,7 +122,15 @@ def test_export_writes_every_graph(weights: Path, env: dict[str, str], tmp_path:
     result = _run("export", "--weights", str(weights), "--out", str(tmp_path / "onnx"), env=env)
     assert result.returncode == 0, result.stderr
     names = {p.stem for p in (tmp_path / "onnx").glob("*.onnx")}
-    assert names == {"segmentation_features", "segmentation_task", "flow", "warp", "policy", "dvsnet"}
+    assert names == {
+        "segmentation_features",
+        "segmentation_task",
+        "flow",
+        "warp",
+        "policy",
+        "dvsnet",
+        "correction",
+    }
 
 
 def test_help_lists_commands(env: dict[str, str]) -> None:

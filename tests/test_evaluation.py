@@ -377,7 +377,9 @@ def test_reversed_clip_plays_the_clip_backwards(clip: FakeClip, table: PairTable
     assert (reversed_table.scored == table.scored[::-1]).all()
     np.testing.assert_array_equal(reversed_table.confusion[:, 0], table.confusion[::-1, 0])
     assert reversed_table.valid[:, 1:].sum() == table.valid[:, 1:].sum()
-    assert reversed_table.valid[6, 1] and not reversed_table.valid[5, 1]  # frame 4 (9 of the clip) is unscored
+    assert (
+        reversed_table.valid[6, 1] and not reversed_table.valid[5, 1]
+    )  # frame 4 (9 of the clip) is unscored
 
 
 def test_subsampled_table_is_the_clip_played_faster(table: PairTable) -> None:

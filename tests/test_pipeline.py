@@ -248,7 +248,7 @@ def test_masks_and_timings_of_key_and_non_key_frames(tmp_path_factory, frames) -
     assert set(results[0].timings) == {"detect", "crop", "key", "task", "total"}
     assert set(results[4].timings) == {"crop", "policy", "detect", "key", "task", "total"}
     for non_key in (results[1], results[2], results[3], results[5]):
-        assert set(non_key.timings) == {"crop", "policy", "flow", "warp", "task", "total"}
+        assert set(non_key.timings) == {"crop", "policy", "flow", "warp", "correct", "task", "total"}
     # Masks use several classes somewhere in the clip (random weights: at least face vs background).
     assert len(np.unique(np.concatenate([r.mask.ravel() for r in results]))) >= 2
 

@@ -51,7 +51,7 @@ from facestream.engines.tensorrt_build import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ALL_GRAPHS = ["dvsnet", "flow", "policy", "segmentation_features", "segmentation_task", "warp"]
+ALL_GRAPHS = ["correction", "dvsnet", "flow", "policy", "segmentation_features", "segmentation_task", "warp"]
 INSTALL = "pip install 'facestream[gpu]'"
 
 
@@ -210,7 +210,7 @@ def test_fp16_export_keeps_names_and_batch_axis_and_agrees_with_fp32(tmp_path_fa
     fp32 = cached_export(weights)
     with one_torch_thread():
         fp16 = export_fp16_onnx(weights, tmp_path, ALL_GRAPHS)
-    assert sorted(fp16) == [name for name in ALL_GRAPHS if name != "warp"]  # warp stays FP32
+    assert sorted(fp16) == [n for n in ALL_GRAPHS if n not in ("warp", "correction")]  # both stay FP32
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     rng = np.random.default_rng(0)
@@ -440,7 +440,8 @@ def test_build_engines_fp16_with_builder_flag_and_cache(fake_gpu, tmp_path_facto
     assert len(trt.builds) == len(ALL_GRAPHS)
     for build in trt.builds:
         assert build["onnx"] in graphs.values()  # the FP32 graphs of cached_export
-        assert build["flags"] == (set() if build["onnx"].stem == "warp" else {"FP16"})  # warp: FP32
+        fp32 = build["onnx"].stem in ("warp", "correction")
+        assert build["flags"] == (set() if fp32 else {"FP16"})  # warp and the corrector: FP32
         assert build["network_flags"] == 0
         assert build["pools"] == {"workspace": 2 * 2**30}
         (profile,) = build["profiles"]  # one profile, every input in it
@@ -468,7 +469,8 @@ def test_build_engines_fp16_with_builder_flag_and_cache(fake_gpu, tmp_path_facto
 
 
 def test_build_engines_fp16_strongly_typed(fake_gpu, tmp_path_factory, onnx_cache, tmp_path) -> None:
-    """TensorRT 11 (no BuilderFlag.FP16): FP16 graphs, strongly typed networks; warp stays FP32."""
+    """TensorRT 11 (no BuilderFlag.FP16): FP16 graphs, strongly typed networks; warp and the
+    warp corrector stay FP32."""
     trt = fake_gpu(fp16_flag=False)
     weights = random_weights(tmp_path_factory)
     with one_torch_thread():
@@ -479,8 +481,8 @@ def test_build_engines_fp16_strongly_typed(fake_gpu, tmp_path_factory, onnx_cach
     for build in trt.builds:
         name, source = build["onnx"].stem, build["onnx"]
         assert not build["flags"], name  # no weak-typing flags on this TensorRT
-        if name == "warp":  # FP32: the FP32 graph, an ordinary network
-            assert (source, build["network_flags"]) == (graphs["warp"], 0)
+        if name in ("warp", "correction"):  # FP32: the FP32 graph, an ordinary network
+            assert (source, build["network_flags"]) == (graphs[name], 0)
         else:
             assert source == engines.directory / "onnx-fp16" / f"{name}.onnx"
             assert build["network_flags"] == 1 << 5  # STRONGLY_TYPED

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from facestream.engines.backends import BACKENDS, DEFAULT_BACKEND, create_networks
 from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS, add_dis_size_argument
+from facestream.engines.pipeline import add_correct_argument
 from facestream.engines.schedulers import SCHEDULERS
 from facestream.engines.weights import WeightsError, find_weights
 from facestream.training.compare import compare_teachers
-from facestream.training.evaluation import PAIR_NETWORKS, SCHEDULER_NAMES, EvalConfig
+from facestream.training.evaluation import SCHEDULER_NAMES, EvalConfig, pair_fingerprint
 from facestream.training.labelling import label_video, make_teacher
 from facestream.training.manifest import (
     DEFAULT_TEACHER,
@@ -167,6 +168,7 @@ class EvaluateCommand:
             help="warp flow: learned F (flownet) or OpenCV DIS (dis; F still gives rl/dvsnet Conv6)",
         )
         add_dis_size_argument(parser)
+        add_correct_argument(parser)
         parser.add_argument(
             "--no-track",
             action="store_true",
@@ -219,11 +221,11 @@ class EvaluateCommand:
                 policies=policies,
                 chosen_aki=args.aki,
                 timeline_clip=args.timeline_clip,
-                config=EvalConfig(max_gap=args.max_gap, track=not args.no_track),
+                config=EvalConfig(max_gap=args.max_gap, track=not args.no_track, correct=args.correct),
                 cache=args.cache or args.out / "cache",
                 progress=not args.no_progress,
             )
-            report = evaluate(clips, networks, weights.fingerprint(PAIR_NETWORKS), options, args.out)
+            report = evaluate(clips, networks, pair_fingerprint(weights, options.config), options, args.out)
         except (WeightsError, ManifestError, TeacherError, OSError, ValueError) as exc:
             return _fail(self.name, exc)
         print(

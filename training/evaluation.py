@@ -5,7 +5,8 @@ How it works, and why it is fast enough for a full sweep on two cores:
 1. **Pair table** (per clip, cached on disk): for every scored frame ``i`` and every gap
    ``g = 0 .. G`` to an earlier scored frame ``k = i - g`` of the same episode, the confusion
    matrix of frame ``i``'s result when ``k`` is its key (``g = 0``: N on frame ``i`` itself;
-   ``g > 0``: ``k``'s scores warped by F's flow and scale, exactly the pipeline's non-key path),
+   ``g > 0``: ``k``'s scores warped by F's flow and scale, then through the warp corrector when
+   the weights have one and ``EvalConfig.correct``: exactly the pipeline's non-key path),
    plus what schedulers look at for that pair: F's Conv6 features and the mean flow magnitude.
    The face crop of a key is the teacher's 1.3x square of that key frame (the paper crops faces
    by their landmarks); its non-key frames are cut from that square moved with the face by the
@@ -47,7 +48,7 @@ from facestream.engines.bench import time_ms
 from facestream.engines.cues import RELATIVE_CUES, RESIDUAL_CUES, cue_vector, key_maps, warp_residuals
 from facestream.engines.face import Box, crop_square, track_box
 from facestream.engines.networks import FlowResult, Networks
-from facestream.engines.pipeline import flow_image, to_chw
+from facestream.engines.pipeline import flow_image, resized_chw, to_chw
 from facestream.engines.schedulers import (
     WINDOW,
     DecisionContext,
@@ -55,13 +56,14 @@ from facestream.engines.schedulers import (
     Scheduler,
     mean_flow_magnitude,
 )
-from facestream.engines.weights import load_network, read_metadata
+from facestream.engines.weights import WeightSet, load_network, read_metadata
 from facestream.models import KeyPolicy
 from facestream.training.manifest import Clip
 from facestream.training.oracle import Oracle
 
 NUM_CLASSES = 5
 PAIR_NETWORKS = ("segmentation", "flow")  # what a pair table depends on (its cache key's weights)
+CORRECTION = "correction"  # ... and the warp corrector, where it is used (pair_fingerprint)
 # Bumped when the pair table gains or changes a column, so that older cached tables are rebuilt
 # (2: the warp residuals).
 TABLE_FORMAT = 2
@@ -76,13 +78,15 @@ class EvalConfig:
     """``max_gap``: the longest key-to-frame distance in the pair table (and the forced-key limit).
     ``eval_size``: side of the grid frames are scored on (default: N's input size).
     ``batch``: frame pairs per F call. ``track``: non-key crops follow the face as in the
-    pipeline (False: the key's square is held)."""
+    pipeline (False: the key's square is held). ``correct``: warped frames go through the warp
+    corrector, as in the pipeline, when the networks have one."""
 
     max_gap: int = 90
     eval_size: int | None = None
     batch: int = 16
     window: int = WINDOW
     track: bool = True
+    correct: bool = True
 
     def __post_init__(self) -> None:
         if self.max_gap < 1 or self.batch < 1:
@@ -196,6 +200,7 @@ class _Key:
     flow_image: np.ndarray  # (3, Sf, Sf)
     crop_box: Box  # where this key's next non-key frame is cropped (moved with the face)
     maps: np.ndarray  # (3, h, w) engines.cues.key_maps
+    small: np.ndarray | None  # (3, I, I) the key crop at the warp corrector's input, if it runs
 
 
 class PairBuilder:
@@ -208,6 +213,7 @@ class PairBuilder:
         self.flow_size = networks.flow_input_size
         self.eval_size = config.eval_size or seg.input_size
         self.stride = seg.input_size / seg.feature_size
+        self.correction = networks.correction_config if config.correct else None
 
     def key(self, rgb: np.ndarray, box: Box) -> tuple[_Key, np.ndarray]:
         """A key frame's cache entry and its (1, K, h, w) class scores."""
@@ -215,7 +221,8 @@ class PairBuilder:
         features = self.networks.features(to_chw(crop)[None])
         scores = self.networks.task(features)
         image = flow_image(crop, self.flow_size)
-        return _Key(box, features, image, box, key_maps(image, scores[0])), scores
+        small = None if self.correction is None else resized_chw(image, self.correction.image_size)
+        return _Key(box, features, image, box, key_maps(image, scores[0]), small), scores
 
     def warp(
         self, rgb: np.ndarray, keys: Sequence[_Key]
@@ -229,6 +236,11 @@ class PairBuilder:
         flow = self.networks.flow(np.concatenate((current, key_images), axis=1))
         features = np.concatenate([k.features for k in keys])
         scores = self.networks.task(self.networks.warp(features, flow.flow, flow.scale))
+        if self.correction is not None:
+            side = self.correction.image_size
+            small = np.stack([resized_chw(c, side) for c in current])
+            keys_small = np.stack([k.small for k in keys if k.small is not None])
+            scores = self.networks.correct(small, keys_small, flow.flow, scores)
         residual = warp_residuals(np.stack([k.maps for k in keys]), current, flow.flow)
         if self.config.track:
             for b, key in enumerate(keys):
@@ -347,6 +359,13 @@ def clip_identity(clip: Clip) -> str:
     return json.dumps({k: v for k, v in meta.items() if k != "video"}, sort_keys=True)
 
 
+def pair_fingerprint(weights: WeightSet, config: EvalConfig) -> str:
+    """The cache key of the weights a pair table depends on: N and F, and the warp corrector
+    when ``config.correct`` (and the weights have one)."""
+    names = PAIR_NETWORKS + ((CORRECTION,) if config.correct else ())
+    return weights.fingerprint(names)
+
+
 def cached_pair_table(
     clip: Clip, networks: Networks, fingerprint: str, config: EvalConfig, cache: Path | None, progress: bool
 ) -> PairTable:
@@ -354,9 +373,10 @@ def cached_pair_table(
     if cache is None:
         return build_pair_table(clip, networks, config, progress=progress)
     conv6 = getattr(networks, "conv6", True)  # DIS flow without F leaves Conv6 empty
-    key = json.dumps(
-        [clip_identity(clip), fingerprint, asdict(config), networks.backend, conv6, TABLE_FORMAT]
-    )
+    # `correct` is left out: whether the corrector ran is in the fingerprint (pair_fingerprint),
+    # so tables made without one keep their names
+    settings = {k: v for k, v in asdict(config).items() if k != "correct"}
+    key = json.dumps([clip_identity(clip), fingerprint, settings, networks.backend, conv6, TABLE_FORMAT])
     path = cache / f"{clip.clip_id}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if path.is_file():
         return PairTable.load(path)

@@ -154,6 +154,7 @@ def default_sources(runs: Path, etas: tuple[float, ...], default_eta: float) -> 
     sources = {
         "segmentation": runs / "segmentation" / FILES["segmentation"],
         "flow": runs / "flow" / FILES["flow"],
+        "correction": runs / "correction" / FILES["correction"],
         "dvsnet": runs / "dvsnet" / FILES["dvsnet"],
         "policy": runs / f"policy-eta{default_eta:g}" / FILES["policy"],
     }

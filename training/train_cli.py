@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS
+from facestream.engines.pipeline import add_correct_argument
 from facestream.models.config import POLICY_CUES, check_cues
 from facestream.training.manifest import (
     DEFAULT_TEACHER,
@@ -24,6 +25,20 @@ def _cue_list(text: str) -> tuple[str, ...]:
         return check_cues([n.strip() for n in text.split(",") if n.strip()])
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _class_list(text: str) -> tuple[int, ...]:
+    from facestream.models import CLASS_NAMES
+
+    ids = []
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        if name.isdigit() and int(name) < len(CLASS_NAMES):
+            ids.append(int(name))
+        elif name in CLASS_NAMES:
+            ids.append(CLASS_NAMES.index(name))
+        else:
+            raise argparse.ArgumentTypeError(f"unknown class {name!r}: use ids or {', '.join(CLASS_NAMES)}")
+    return tuple(ids)
 
 
 def _stride_list(text: str) -> tuple[int, ...]:
@@ -163,6 +178,87 @@ def _flow(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int
     return run
 
 
+def _correction(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    from facestream.training.train_correction import CorrectionTrainConfig
+
+    d = CorrectionTrainConfig()
+    p = sub.add_parser(
+        "correction",
+        help="the warp corrector of non-key frames (not in the paper) on set A, N and DIS fixed",
+    )
+    _common(p, "runs/correction")
+    p.add_argument(
+        "--weights", type=Path, required=True, help="folder with the trained segmentation (and flow) weights"
+    )
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--max-gap", type=int, default=d.max_gap, help="longest key-to-current distance")
+    p.add_argument("--pairs-per-frame", type=int, default=d.pairs_per_frame)
+    p.add_argument("--width", type=int, default=d.width, help="channels of the corrector")
+    p.add_argument(
+        "--protect",
+        type=_class_list,
+        default=d.protect,
+        metavar="CLASSES",
+        help="comma-separated classes left to the warp (names or ids; default: eyes; '' for none)",
+    )
+    p.add_argument("--val-every", type=int, default=d.val_every)
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    p.add_argument("--seed", type=int, default=d.seed)
+
+    def run(args: argparse.Namespace) -> int:
+        from facestream.engines.backends import create_networks
+        from facestream.engines.weights import find_weights
+        from facestream.training.train_correction import make_correction_pairs, train_correction
+
+        config = CorrectionTrainConfig(
+            manifest=str(args.manifest),
+            teacher=args.teacher,
+            steps=args.steps,
+            batch=args.batch,
+            lr=args.lr,
+            max_gap=args.max_gap,
+            pairs_per_frame=args.pairs_per_frame,
+            width=args.width,
+            protect=args.protect,
+            val_every=args.val_every,
+            bf16=not args.fp32,
+            seed=args.seed,
+        )
+        weights = find_weights(args.weights)
+        networks = create_networks(weights, "onnxruntime", threads=args.threads, flow="dis", conv6=False)
+        manifest = load_manifest(config.manifest)
+        progress = not args.no_progress
+        data = {}
+        for name, subset, per_frame in (
+            ("train", config.train_set, config.pairs_per_frame),
+            ("val", config.val_set, config.val_pairs_per_frame),
+        ):
+            clips = open_clips(
+                manifest, subset, teacher=config.teacher, labels_dir=args.labels, progress=progress
+            )
+            data[name] = make_correction_pairs(
+                clips,
+                networks,
+                per_frame=per_frame,
+                max_gap=config.max_gap,
+                seed=config.seed,
+                progress=progress,
+            )
+        card = {
+            "data": f"manifest {manifest.name}, set {config.train_set} (validation {config.val_set}), "
+            f"teacher {config.teacher} labels; DIS flow; N {weights.fingerprint(('segmentation',))}",
+        }
+        path = train_correction(
+            config, data["train"], data["val"], args.out, fresh=args.fresh, progress=progress, card=card
+        )
+        print(f"wrote {path}")
+        return 0
+
+    return run
+
+
 def _tables_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights",
@@ -189,12 +285,13 @@ def _tables_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also learn from every clip of the set played backwards (twice the tables)",
     )
+    add_correct_argument(parser)
 
 
 def _pair_tables(args: argparse.Namespace) -> tuple[list, str]:
     from facestream.engines.backends import create_networks
     from facestream.engines.weights import find_weights
-    from facestream.training.evaluation import PAIR_NETWORKS, EvalConfig, cached_pair_table
+    from facestream.training.evaluation import EvalConfig, cached_pair_table, pair_fingerprint
 
     weights = find_weights(args.weights)
     networks = create_networks(weights, "onnxruntime", threads=args.threads, flow=args.flow, conv6=True)
@@ -203,12 +300,14 @@ def _pair_tables(args: argparse.Namespace) -> tuple[list, str]:
     clips = open_clips(manifest, args.set, teacher=args.teacher, labels_dir=args.labels, progress=progress)
     if args.reverse:
         clips += [ReversedClip(c) for c in clips]
-    config = EvalConfig(max_gap=args.max_gap, track=not args.no_track)
-    fingerprint = weights.fingerprint(PAIR_NETWORKS)
+    config = EvalConfig(max_gap=args.max_gap, track=not args.no_track, correct=args.correct)
+    fingerprint = pair_fingerprint(weights, config)
+    corrected = args.correct and networks.has_correction
     tables = [cached_pair_table(c, networks, fingerprint, config, args.cache, progress) for c in clips]
     source = (
         f"manifest {manifest.name}, set {args.set}, teacher {args.teacher} labels; "
         f"N+F weights {fingerprint}; warp flow {args.flow}"
+        + ("; warped frames through the warp corrector" if corrected else "")
         + ("; key squares held" if args.no_track else "; non-key crops follow the face")
         + ("; every clip also played backwards" if args.reverse else "")
     )
@@ -369,12 +468,12 @@ def _ship(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int
     return run
 
 
-BUILDERS = (_segmentation, _flow, _dvsnet, _policy, _ship)
+BUILDERS = (_segmentation, _flow, _correction, _dvsnet, _policy, _ship)
 
 
 class TrainCommand:
     name = "train"
-    help = "train N, F, the DVSNet head or the RL key policy (resumable runs)"
+    help = "train N, F, the warp corrector, the DVSNet head or the RL key policy (resumable runs)"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         sub = parser.add_subparsers(dest="network", metavar="NETWORK", required=True)

@@ -1,0 +1,188 @@
+"""The warp corrector (not in the paper): the network, its backends, the pipeline, the evaluation
+and its training, on tiny inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import SIZE, FakeClip, clip_frames, networks, one_torch_thread, random_weights
+
+from facestream.engines.pipeline import StreamSegmenter
+from facestream.engines.schedulers import make_scheduler
+from facestream.engines.weights import load_network, read_metadata
+from facestream.models import CorrectionConfig, WarpCorrector
+from facestream.models.config import config_from_json, config_to_json
+from facestream.models.correction import warp_image
+from facestream.training.evaluation import (
+    PAIR_NETWORKS,
+    EvalConfig,
+    PairBuilder,
+    pair_fingerprint,
+)
+from facestream.training.runs import read_log
+from facestream.training.train_correction import (
+    CorrectionTrainConfig,
+    batch_inputs,
+    make_correction_pairs,
+    train_correction,
+)
+
+GRID = SIZE // 4
+
+
+def _inputs(batch: int = 2, grid: int = 16, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    crops = torch.rand(batch, 3, 2 * grid, 2 * grid, generator=g)
+    key = torch.rand(batch, 3, 2 * grid, 2 * grid, generator=g)
+    flow = 2 * torch.randn(batch, 2, grid, grid, generator=g)
+    scores = torch.randn(batch, 5, grid, grid, generator=g)
+    return crops, key, flow, scores
+
+
+def test_untrained_corrector_returns_the_warped_scores() -> None:
+    """Its last layer starts at zero: training starts from the paper's pipeline."""
+    model = WarpCorrector(CorrectionConfig(image_size=32, grid_size=16)).eval()
+    current, key, flow, scores = _inputs()
+    assert torch.equal(model(current, key, flow, scores), scores)
+
+
+def test_corrector_learns_a_residual_and_checks_shapes() -> None:
+    model = WarpCorrector(CorrectionConfig(image_size=32, grid_size=16, width=8, dilations=(1, 2)))
+    current, key, flow, scores = _inputs()
+    target = torch.zeros(2, 16, 16, dtype=torch.long)  # everything background
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(model(current, key, flow, scores), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+    with pytest.raises(ValueError, match="crops"):
+        model(current[:, :, :16, :16], key, flow, scores)
+    with pytest.raises(ValueError, match="scores"):
+        model(current, key, flow, scores[:, :3])
+
+
+def test_protected_classes_are_left_to_the_warp() -> None:
+    model = WarpCorrector(CorrectionConfig(image_size=32, grid_size=16, protect=(2,))).eval()
+    torch.nn.init.normal_(model.head.weight)
+    current, key, flow, scores = _inputs()
+    with torch.no_grad():
+        residual = model(current, key, flow, scores) - scores
+    assert float(residual[:, 2].abs().max()) == 0.0  # no residual on the eye scores
+    eyes = scores.argmax(dim=1) == 2
+    assert bool(eyes.any()) and float(residual.permute(0, 2, 3, 1)[eyes].abs().max()) == 0.0
+    assert float(residual.abs().max()) > 0.1  # elsewhere it corrects
+
+
+def test_correction_config_checks_and_round_trips() -> None:
+    config = CorrectionConfig(image_size=64, grid_size=32, width=16, dilations=(1, 3), protect=(2,))
+    assert config_from_json(config_to_json(config)) == config
+    with pytest.raises(ValueError, match="twice grid_size"):
+        CorrectionConfig(image_size=64, grid_size=64)
+    with pytest.raises(ValueError, match="dilations"):
+        CorrectionConfig(dilations=(1, 0))
+    with pytest.raises(ValueError, match="protect"):
+        CorrectionConfig(protect=(5,))
+
+
+def test_image_warp_with_zero_flow_is_the_identity_and_follows_a_shift() -> None:
+    image = torch.rand(1, 3, 32, 32)
+    assert torch.allclose(warp_image(image, torch.zeros(1, 2, 16, 16)), image, atol=1e-5)
+    shift = torch.zeros(1, 2, 16, 16)
+    shift[:, 0] = 1.0  # one grid pixel = two image pixels to the right in the key
+    warped = warp_image(image, shift)
+    assert torch.allclose(warped[..., :-2], image[..., 2:], atol=1e-5)
+
+
+def test_backends_agree_on_the_corrector(tmp_path_factory) -> None:
+    with one_torch_thread():
+        torch_nets = networks(tmp_path_factory, "torch")
+        ort_nets = networks(tmp_path_factory, "onnxruntime")
+        assert torch_nets.has_correction and ort_nets.has_correction
+        config = torch_nets.correction_config
+        assert config is not None and config.grid_size == GRID and config.protect == (2,)
+        current, key, flow, scores = (t.numpy() for t in _inputs(grid=GRID))
+        out_t = torch_nets.correct(current, key, flow, scores)
+        out_o = ort_nets.correct(current, key, flow, scores)
+    assert out_t.shape == scores.shape
+    assert not np.allclose(out_t, scores, atol=1e-3)  # the random test corrector changes something
+    assert np.abs(out_t - out_o).max() < 1e-3
+
+
+def test_weights_without_a_corrector_run_the_papers_pipeline(tmp_path_factory) -> None:
+    nets = networks(tmp_path_factory, without=("correction",))
+    assert not nets.has_correction
+    with pytest.raises(RuntimeError, match="correction"):
+        nets.correct(*(t.numpy() for t in _inputs(grid=GRID)))
+    assert not StreamSegmenter(nets, make_scheduler("fixed", 4)).correct
+
+
+@pytest.fixture(scope="module")
+def frames(videos_dir: Path) -> list[np.ndarray]:
+    return clip_frames(videos_dir, count=6)
+
+
+def test_pipeline_corrects_non_key_frames_only_when_asked(tmp_path_factory, frames) -> None:
+    nets = networks(tmp_path_factory)
+    runs = {}
+    for correct in (True, False):
+        segmenter = StreamSegmenter(nets, make_scheduler("fixed", 4), correct=correct)
+        assert segmenter.correct is correct
+        runs[correct] = [segmenter.step(frame) for frame in frames]
+    on, off = runs[True], runs[False]
+    for a, b in zip(on, off, strict=True):
+        assert a.key == b.key
+        assert ("correct" in a.timings) == (not a.key)
+        assert "correct" not in b.timings
+    assert np.array_equal(on[0].mask, off[0].mask)  # key frames: N alone
+    assert any(not np.array_equal(a.mask, b.mask) for a, b in zip(on[1:4], off[1:4], strict=True))
+
+
+def test_pair_tables_use_the_corrector_and_key_their_cache_on_it(tmp_path_factory, frames) -> None:
+    nets = networks(tmp_path_factory)
+    weights = random_weights(tmp_path_factory)
+    assert pair_fingerprint(weights, EvalConfig(correct=False)) == weights.fingerprint(PAIR_NETWORKS)
+    assert pair_fingerprint(weights, EvalConfig()) != weights.fingerprint(PAIR_NETWORKS)
+    box = FakeClip(frames).box(0)
+    assert box is not None
+    warped = {}
+    for correct in (True, False):
+        builder = PairBuilder(nets, EvalConfig(correct=correct))
+        key, _ = builder.key(frames[0], box)
+        warped[correct] = builder.warp(frames[1], [key])[0]
+    assert warped[True].shape == warped[False].shape
+    assert not np.allclose(warped[True], warped[False], atol=1e-3)
+
+
+def test_train_correction_learns_validates_and_resumes(tmp_path_factory, videos_dir: Path, tmp_path) -> None:
+    nets = networks(tmp_path_factory)
+    clip = FakeClip(clip_frames(videos_dir, count=10), unlabelled=(6,))
+    data = make_correction_pairs([clip], nets, per_frame=3, max_gap=4, progress=False)
+    assert data.images.shape[1:] == (2 * GRID, 2 * GRID, 3) and data.scores.shape[1:] == (5, GRID, GRID)
+    gaps = data.pairs[:, 1] - data.pairs[:, 0]
+    assert gaps.min() >= 1 and gaps.max() <= 4
+    assert not any(k < 6 < t for k, t in data.pairs)  # an unlabelled frame ends a run
+    current, key, flow, scores, label = batch_inputs(data, np.arange(3), torch.tensor([True, False, True]))
+    assert current.shape == (3, 3, 2 * GRID, 2 * GRID) and label.shape == (3, 2 * GRID, 2 * GRID)
+    config = CorrectionTrainConfig(steps=8, batch=4, warmup=2, val_every=4, checkpoint_every=4, width=8)
+    with one_torch_thread():
+        train_correction(config, data, data, tmp_path, progress=False)
+        config_more = CorrectionTrainConfig(
+            steps=8, batch=4, warmup=2, val_every=4, checkpoint_every=4, width=8
+        )
+        path = train_correction(config_more, data, data, tmp_path, progress=False)  # resumes: done
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == list(range(0, 9))
+    assert log[0]["val_miou_warped"] == log[0]["val_miou_corrected"]  # untrained: unchanged
+    assert "val_miou_corrected" in log[4] and "val_miou_corrected" in log[8]
+    model = load_network(path)
+    assert isinstance(model, WarpCorrector) and model.config.grid_size == GRID
+    card = read_metadata(path)["card"]
+    assert '"val_miou_corrected"' in card and '"trained": true' in card
+    assert (tmp_path / "training.png").is_file()
