@@ -186,3 +186,16 @@ def test_train_correction_learns_validates_and_resumes(tmp_path_factory, videos_
     card = read_metadata(path)["card"]
     assert '"val_miou_corrected"' in card and '"trained": true' in card
     assert (tmp_path / "training.png").is_file()
+
+
+def test_evaluation_fps_model_times_the_corrector_only_when_it_runs(tmp_path_factory, monkeypatch) -> None:
+    from facestream.training.evaluation import measure_costs
+
+    nets = networks(tmp_path_factory)
+    calls = []
+    real = nets._correct
+    monkeypatch.setattr(nets, "_correct", lambda *a: calls.append(1) or real(*a))
+    measure_costs(nets, repeats=2)
+    assert not calls
+    measure_costs(nets, repeats=2, correct=True)
+    assert calls

@@ -593,7 +593,7 @@ class StageCosts:
 
     key: float  # N_feat + N_task
     flow: float
-    warp: float  # warp + N_task
+    warp: float  # warp + N_task (+ the warp corrector, where it runs)
     policy: float
     dvsnet: float
 
@@ -607,8 +607,9 @@ class StageCosts:
         return 1000.0 * walk.frames / total if total > 0 else 0.0
 
 
-def measure_costs(networks: Networks, repeats: int = 15) -> StageCosts:
-    """Median latency of each stage on random inputs of the right shapes."""
+def measure_costs(networks: Networks, repeats: int = 15, *, correct: bool = False) -> StageCosts:
+    """Median latency of each stage on random inputs of the right shapes; ``correct``: the
+    non-key warp includes the warp corrector (when the networks have one)."""
     seg = networks.segmentation_config
     rng = np.random.default_rng(0)
     image = rng.random((1, 3, seg.input_size, seg.input_size), dtype=np.float32)
@@ -622,10 +623,19 @@ def measure_costs(networks: Networks, repeats: int = 15) -> StageCosts:
     def timed(fn: Callable[[], object]) -> float:
         return float(time_ms(fn, repeats)["median_ms"])
 
+    correction = networks.correction_config if correct else None
+
+    def warp() -> object:
+        scores = networks.task(networks.warp(features, flow.flow, flow.scale))
+        if correction is None:
+            return scores
+        crops = resized_chw(pair[0, :3], correction.image_size)[None]
+        return networks.correct(crops, crops, flow.flow, scores)
+
     return StageCosts(
         key=timed(lambda: networks.task(networks.features(image))),
         flow=timed(lambda: networks.flow(pair)),
-        warp=timed(lambda: networks.task(networks.warp(features, flow.flow, flow.scale))),
+        warp=timed(warp),
         policy=timed(lambda: networks.key_probability(flow.conv6, expert)) if networks.has_policy else 0.0,
         dvsnet=timed(lambda: networks.dvsnet_score(flow.conv6)) if networks.has_dvsnet else 0.0,
     )

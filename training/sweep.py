@@ -216,7 +216,7 @@ def evaluate(
     ]
     clock["pair_tables_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    costs = measure_costs(networks)
+    costs = measure_costs(networks, correct=options.config.correct)
     settings, _, _ = run_settings(tables, networks, options)
     phases = []
     if "fixed" in options.schedulers and options.sweep:
