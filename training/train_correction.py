@@ -49,6 +49,7 @@ from facestream.training.runs import (
     seed_everything,
     set_lr,
 )
+from facestream.training.train_flow import plot_running_mean
 
 
 @dataclass(frozen=True)
@@ -302,12 +303,7 @@ def plot_correction_training(out: Path) -> Path:
 
     log = read_log(out)
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    rows = [r for r in log if "loss" in r]
-    if rows:
-        values = np.array([r["loss"] for r in rows])
-        if len(values) >= 20:
-            values = np.convolve(values, np.ones(20) / 20, mode="valid")
-        ax[0].plot(np.arange(len(values)) + rows[0]["step"], values, lw=1)
+    plot_running_mean(ax[0], [r for r in log if "loss" in r], "loss")
     ax[0].set(xlabel="step", title="training loss (CE + Dice), 20-step mean")
     val = [r for r in log if "val_miou_corrected" in r]
     if val:

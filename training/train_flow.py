@@ -275,6 +275,16 @@ def train_flow(
     return path
 
 
+def plot_running_mean(axis: Any, rows: list[dict[str, Any]], key: str, window: int = 20) -> None:
+    """``key`` of the log ``rows`` against their step, as a ``window``-step running mean."""
+    if not rows:
+        return
+    values = np.array([r[key] for r in rows])
+    if len(values) >= window:
+        values = np.convolve(values, np.ones(window) / window, mode="valid")
+    axis.plot(np.arange(len(values)) + rows[0]["step"], values, lw=1)
+
+
 def plot_flow_training(out: Path) -> Path:
     import matplotlib
 
@@ -287,12 +297,7 @@ def plot_flow_training(out: Path) -> Path:
         ("distil", ax[0], "epe", "end-point error vs DIS (warp-grid px)"),
         ("dff", ax[1], "seg_loss", "DFF: CE of warped key scores vs labels"),
     ):
-        rows = [r for r in log if r.get("stage") == stage and key in r]
-        if rows:
-            values = np.array([r[key] for r in rows])
-            if len(values) >= 20:
-                values = np.convolve(values, np.ones(20) / 20, mode="valid")
-            axis.plot(np.arange(len(values)) + rows[0]["step"], values, lw=1)
+        plot_running_mean(axis, [r for r in log if r.get("stage") == stage and key in r], key)
         axis.set(xlabel="step", title=title)
         axis.grid(alpha=0.3)
     fig.tight_layout()
