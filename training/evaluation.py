@@ -239,7 +239,7 @@ class PairBuilder:
         if self.correction is not None:
             side = self.correction.image_size
             small = np.stack([resized_chw(c, side) for c in current])
-            keys_small = np.stack([k.small for k in keys if k.small is not None])
+            keys_small = np.stack([_small(k) for k in keys])
             scores = self.networks.correct(small, keys_small, flow.flow, scores)
         residual = warp_residuals(np.stack([k.maps for k in keys]), current, flow.flow)
         if self.config.track:
@@ -265,6 +265,13 @@ class PairBuilder:
 
     def label_grid(self, label: np.ndarray, box: Box) -> torch.Tensor:
         return torch.from_numpy(crop_square(label, box, self.eval_size, nearest=True).astype(np.int64))
+
+
+def _small(key: _Key) -> np.ndarray:
+    """The key crop at the corrector's input; :meth:`PairBuilder.key` makes it whenever it runs."""
+    if key.small is None:
+        raise RuntimeError("key made without the warp corrector's crop")
+    return key.small
 
 
 def _affine(key_box: Box, box: Box) -> list[list[float]]:
