@@ -16,6 +16,7 @@ from facestream.engines.weights import load_network, read_metadata
 from facestream.models import CorrectionConfig, WarpCorrector
 from facestream.models.config import config_from_json, config_to_json
 from facestream.models.correction import warp_image
+from facestream.models.warp import warp
 from facestream.training.evaluation import (
     PAIR_NETWORKS,
     EvalConfig,
@@ -25,8 +26,10 @@ from facestream.training.evaluation import (
 from facestream.training.runs import read_log
 from facestream.training.train_correction import (
     CorrectionTrainConfig,
+    affine_pair,
     batch_inputs,
     make_correction_pairs,
+    random_affine,
     train_correction,
 )
 
@@ -160,6 +163,37 @@ def test_pair_tables_use_the_corrector_and_key_their_cache_on_it(tmp_path_factor
     assert not np.allclose(warped[True], warped[False], atol=1e-3)
 
 
+def test_affine_augmentation_moves_frames_flow_and_scores_consistently() -> None:
+    """Warping the transformed key scores by the transformed flow gives the transformed warped
+    scores (away from the border, where sampling clamps), and labels stay class indices."""
+    g = torch.Generator().manual_seed(3)
+    grid = 32
+    yy, xx = torch.meshgrid(torch.arange(grid).float(), torch.arange(grid).float(), indexing="ij")
+    # smooth key scores and a smooth, non-trivial flow (a rotation-like swirl plus a shift)
+    key_scores = torch.stack([torch.sin(xx / 5 + c) * torch.cos(yy / 7 - c) for c in range(5)])[None]
+    flow = torch.stack([3.0 + 0.1 * (yy - grid / 2), -2.0 - 0.08 * (xx - grid / 2)])[None]
+    warped = warp(key_scores, flow)
+    current = torch.rand(1, 3, 2 * grid, 2 * grid, generator=g)
+    key = torch.rand(1, 3, 2 * grid, 2 * grid, generator=g)
+    label = torch.randint(0, 5, (1, 2 * grid, 2 * grid), generator=g)
+    assert not torch.allclose(random_affine(1, 1.0, g)[:, :, :2], torch.eye(2))
+    angle = torch.tensor(0.5)  # a stronger map than training draws, so that errors show
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.tensor([[[0.8 * cos, -0.7 * sin, 0.05], [0.8 * sin, 0.7 * cos, -0.04]]])
+    # the key scores seen through the same map, warped by the moved flow
+    _, _, moved, warped_t, label_t = affine_pair(theta, current, key, flow, warped, label)
+    _, _, _, key_t, _ = affine_pair(theta, current, key, flow, key_scores, label)
+    rewarped = warp(key_t, moved)
+    inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))
+    error = (rewarped[inner] - warped_t[inner]).abs()
+    assert error.mean() < 0.02 and error.max() < 0.1, (error.mean(), error.max())
+    assert not torch.allclose(moved, flow, atol=0.1)  # the flow did change
+    assert label_t.dtype == torch.long and set(label_t.unique().tolist()) <= set(range(5))
+    # strength 0 is the identity
+    same = affine_pair(random_affine(1, 0.0, g), current, key, flow, warped, label)
+    assert torch.allclose(same[2], flow, atol=1e-4) and torch.equal(same[4], label)
+
+
 def test_train_correction_learns_validates_and_resumes(tmp_path_factory, videos_dir: Path, tmp_path) -> None:
     nets = networks(tmp_path_factory)
     clip = FakeClip(clip_frames(videos_dir, count=10), unlabelled=(6,))
@@ -170,11 +204,13 @@ def test_train_correction_learns_validates_and_resumes(tmp_path_factory, videos_
     assert not any(k < 6 < t for k, t in data.pairs)  # an unlabelled frame ends a run
     current, key, flow, scores, label = batch_inputs(data, np.arange(3), torch.tensor([True, False, True]))
     assert current.shape == (3, 3, 2 * GRID, 2 * GRID) and label.shape == (3, 2 * GRID, 2 * GRID)
-    config = CorrectionTrainConfig(steps=8, batch=4, warmup=2, val_every=4, checkpoint_every=4, width=8)
+    config = CorrectionTrainConfig(
+        steps=8, batch=4, warmup=2, val_every=4, checkpoint_every=4, width=8, affine=1.0
+    )
     with one_torch_thread():
         train_correction(config, data, data, tmp_path, progress=False)
         config_more = CorrectionTrainConfig(
-            steps=8, batch=4, warmup=2, val_every=4, checkpoint_every=4, width=8
+            steps=8, batch=4, warmup=2, val_every=4, checkpoint_every=4, width=8, affine=1.0
         )
         path = train_correction(config_more, data, data, tmp_path, progress=False)  # resumes: done
     log = read_log(tmp_path)

@@ -203,6 +203,12 @@ def _correction(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
         metavar="CLASSES",
         help="comma-separated classes left to the warp (names or ids; default: eyes; '' for none)",
     )
+    p.add_argument(
+        "--affine",
+        type=float,
+        default=d.affine,
+        help="strength of random rotation/scale/aspect/shift of training pairs (default 0: off)",
+    )
     p.add_argument("--val-every", type=int, default=d.val_every)
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -222,6 +228,7 @@ def _correction(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
             pairs_per_frame=args.pairs_per_frame,
             width=args.width,
             protect=args.protect,
+            affine=args.affine,
             val_every=args.val_every,
             bf16=not args.fp32,
             seed=args.seed,

@@ -6,8 +6,9 @@ frame is cut once at its teacher square; the shipped N gives the key's class sco
 default warp flow, the engine's own :func:`~facestream.engines.dis_flow.dis_flow`) the flow from
 the current crop to the key crop, both computed once. Every step then warps the key scores and the
 key crop by that flow, as the pipeline does, and trains the corrector against the current frame's
-teacher label (cross-entropy + soft Dice at 128², bf16 autocast, horizontal flips and the same
-brightness/contrast change on both crops). N and the flow stay fixed.
+teacher label (cross-entropy + soft Dice at 128², bf16 autocast, horizontal flips, the same
+brightness/contrast change on both crops; optionally the same random rotation/scale/aspect/shift
+of the whole pair, :func:`affine_pair`). N and the flow stay fixed.
 
 Validation: the same pairs on set B (fewer per frame): mIoU of the warped scores and of the
 corrected ones, against the labels, at the start and every ``val_every`` steps (``log.jsonl``,
@@ -74,6 +75,10 @@ class CorrectionTrainConfig:
     seed: int = 0
     val_every: int = 500
     checkpoint_every: int = 100
+    # strength of random similarity-plus-aspect warps of each pair (both frames, flow, scores and
+    # label alike), for faces framed, sized and shaped unlike set A's. Off: at 1.0 (2,500 steps)
+    # the validation pairs reached 76.8 mIoU against 77.1 without it
+    affine: float = 0.0
 
     def model(self, grid_size: int) -> CorrectionConfig:
         return CorrectionConfig(
@@ -180,6 +185,50 @@ def batch_inputs(
     return current, key, flow, warp(scores, flow), label
 
 
+def random_affine(batch: int, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """(B, 2, 3) ``theta`` of :func:`torch.nn.functional.affine_grid` (output -> input, normalised
+    coordinates): rotation up to 10°, scale 0.9-1.15, aspect up to ±12 %, shift up to 6 % of the
+    crop, each times ``strength``."""
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(batch, generator=generator)
+
+    angle = torch.deg2rad(uniform(-10, 10) * strength)
+    scale = 1 + uniform(-0.1, 0.15) * strength
+    aspect = 1 + uniform(-0.12, 0.12) * strength
+    sx, sy = 1 / (scale * aspect.sqrt()), aspect.sqrt() / scale  # input units per output unit
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.zeros(batch, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = cos * sx, -sin * sy
+    theta[:, 1, 0], theta[:, 1, 1] = sin * sx, cos * sy
+    theta[:, :, 2] = 0.12 * strength * (torch.rand(batch, 2, generator=generator) - 0.5)
+    return theta
+
+
+def affine_pair(
+    theta: torch.Tensor,
+    current: torch.Tensor,
+    key: torch.Tensor,
+    flow: torch.Tensor,
+    warped: torch.Tensor,
+    label: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pair seen through the same affine map ``x = A y`` (``theta``) in both frames.
+
+    The new frames are the old ones sampled at ``A y``; the flow becomes ``M^-1 flow(A y)``
+    (``M`` the linear part: both crops and grids are square, so grid-pixel units carry over),
+    which makes the warped key scores simply the old ones sampled at ``A y`` too."""
+
+    def sample(x: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
+
+    inverse = torch.linalg.inv(theta[:, :, :2])
+    moved = torch.einsum("bij,bjhw->bihw", inverse, sample(flow))
+    label = sample(label[:, None].float(), "nearest")[:, 0].round().long()
+    return sample(current), sample(key), moved, sample(warped), label
+
+
 def dice_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """1 - mean soft Dice over the classes (batch-pooled)."""
     probs = logits.softmax(dim=1)
@@ -244,6 +293,9 @@ def train_correction(
         idx = torch.randint(len(train), (config.batch,), generator=generator).numpy()
         flip = torch.rand(config.batch, generator=generator) < 0.5
         current, key, flow, scores, label = batch_inputs(train, idx, flip)
+        if config.affine > 0:
+            theta = random_affine(config.batch, config.affine, generator)
+            current, key, flow, scores, label = affine_pair(theta, current, key, flow, scores, label)
         gain = 0.75 + 0.5 * torch.rand(config.batch, 1, 1, 1, generator=generator)
         bias = 0.1 * (torch.rand(config.batch, 1, 1, 1, generator=generator) - 0.5)
         current = (current * gain + bias).clamp(0, 1)
