@@ -55,7 +55,8 @@ train-all: teacher-mediapipe ## reproduce models/weights from scratch (about 3 h
 	$(BIN)/facestream train correction --weights models/weights --out $(RUNS)/correction --threads 2
 	$(BIN)/facestream train ship --runs $(RUNS) --out models/weights
 	# the shipped DVSNet head and policies learnt from set-B tables warped without the corrector
-	# (--no-correct); it changes their inputs only through where the tracked non-key crop lies
+	# (--no-correct); it changes their inputs only through where the tracked non-key crop lies.
+	# Trained on corrected tables instead, both were worse on set B (README, "Where RL stands")
 	$(BIN)/facestream train dvsnet --weights models/weights --out $(RUNS)/dvsnet --threads 2 --no-correct
 	$(BIN)/facestream train ship --runs $(RUNS) --out models/weights  # the policies start from this DVSNet head
 	for eta in $(ETAS); do \
