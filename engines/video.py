@@ -284,7 +284,12 @@ class VideoWriter(_Closing):
         if self.codec not in CODEC_OPTIONS:
             raise ValueError(f"codec must be one of {sorted(CODEC_OPTIONS)}, got {self.codec!r}")
         self.frames_written = 0
-        self._container = av.open(str(self.path), mode="w")
+        if self.path.is_dir() or not self.path.suffix:
+            raise ValueError(f"video output {path} must be a file name such as out.mp4, not a folder")
+        try:
+            self._container = av.open(str(self.path), mode="w")
+        except (av.FFmpegError, ValueError) as error:
+            raise ValueError(f"cannot write a video to {path} (use .mp4 or .mkv): {error}") from error
         try:
             self._stream = self._add_stream()
         except Exception:

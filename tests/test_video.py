@@ -327,6 +327,12 @@ def test_video_writer_rejects_bad_settings(tmp_path: Path) -> None:
         VideoWriter(tmp_path / "a.mp4", 30, 0, 48)
     with pytest.raises(ValueError, match="codec"):
         VideoWriter(tmp_path / "a.mp4", 30, 64, 48, codec="vp9")
+    with pytest.raises(ValueError, match="not a folder"):
+        VideoWriter(tmp_path, 30, 64, 48)  # an existing folder
+    with pytest.raises(ValueError, match="not a folder"):
+        VideoWriter(tmp_path / "masks", 30, 64, 48)  # no extension
+    with pytest.raises(ValueError, match="use .mp4 or .mkv"):
+        VideoWriter(tmp_path / "a.notacontainer", 30, 64, 48)
 
 
 # ----------------------------------------------------------------------------- masks
