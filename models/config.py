@@ -178,8 +178,9 @@ class CorrectionConfig:
     """The warp corrector (not in the paper): on a non-key frame, residual class scores from the
     current crop, the key crop warped by the same flow and the warped key scores.
 
-    ``image_size``: side of the two crops it sees (N's crop area-resized); ``grid_size``: side of
-    the class-score grid it corrects (N's stride-4 grid); ``dilations``: one residual 3x3 block
+    ``image_size``: side of the two crops it sees (N's crop area-resized), twice or four times
+    ``grid_size`` (a stem of one or two stride-2 convolutions); ``grid_size``: side of the
+    class-score grid it corrects (N's stride-4 grid); ``dilations``: one residual 3x3 block
     per entry at ``width`` channels (1, 2, 4, 8 see about 60 grid pixels: the whole face).
     ``protect``: classes the corrector leaves to the warp: their scores get no residual, and
     neither does any class on a pixel the warp gives to one of them (2 = eyes: a corrector trained
@@ -205,8 +206,9 @@ class CorrectionConfig:
         _check(self.width > 0, f"width must be positive, got {self.width}")
         _check(all(d > 0 for d in self.dilations), f"dilations must be positive, got {self.dilations}")
         _check(
-            self.grid_size > 0 and self.image_size == 2 * self.grid_size,
-            f"image_size must be twice grid_size (a stride-2 stem), got {self.image_size}, {self.grid_size}",
+            self.grid_size > 0 and self.image_size in (2 * self.grid_size, 4 * self.grid_size),
+            f"image_size must be 2 or 4 times grid_size (a stem of 1 or 2 stride-2 convolutions), "
+            f"got {self.image_size}, {self.grid_size}",
         )
 
 

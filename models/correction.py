@@ -43,7 +43,12 @@ class WarpCorrector(nn.Module):
         super().__init__()
         self.config = config = config or CorrectionConfig()
         width, classes = config.width, config.num_classes
-        self.stem = _conv(6, width, 3, stride=2)
+        if config.image_size == 2 * config.grid_size:
+            self.stem = _conv(6, width, 3, stride=2)
+        else:  # full-resolution crops: two stride-2 convolutions down to the score grid
+            self.stem = nn.Sequential(
+                _conv(6, width // 2, 3, stride=2), _conv(width // 2, width, 3, stride=2)
+            )
         self.fuse = _conv(width + classes, width, 1)
         self.blocks = nn.ModuleList(_conv(width, width, 3, dilation=d) for d in config.dilations)
         self.head = nn.Conv2d(width, classes, 1)

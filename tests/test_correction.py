@@ -28,8 +28,10 @@ from facestream.training.train_correction import (
     CorrectionTrainConfig,
     affine_pair,
     batch_inputs,
+    concat_pairs,
     make_correction_pairs,
     random_affine,
+    split_clips,
     train_correction,
 )
 
@@ -71,6 +73,54 @@ def test_corrector_learns_a_residual_and_checks_shapes() -> None:
         model(current, key, flow, scores[:, :3])
 
 
+def test_full_resolution_corrector_has_a_two_step_stem(tmp_path_factory, videos_dir: Path) -> None:
+    """image_size = 4 x grid: N's own crops, brought down to the score grid by two stride-2 convs."""
+    config = CorrectionConfig(image_size=64, grid_size=16, width=8)
+    model = WarpCorrector(config).eval()
+    current, key, flow, scores = _inputs()
+    big = [torch.nn.functional.interpolate(t, size=(64, 64)) for t in (current, key)]
+    assert torch.equal(model(*big, flow, scores), scores)  # untrained: the warped scores
+    torch.nn.init.normal_(model.head.weight)
+    assert not torch.allclose(model(*big, flow, scores), scores)
+    with pytest.raises(ValueError, match="crops"):
+        model(current, key, flow, scores)  # 32² crops for a 64² corrector
+    nets = networks(tmp_path_factory)
+    clip = FakeClip(clip_frames(videos_dir, count=4))
+    data = make_correction_pairs([clip], nets, per_frame=1, max_gap=2, progress=False, image_factor=4)
+    assert data.images.shape[1:] == (4 * GRID, 4 * GRID, 3) and data.labels.shape[1:] == (2 * GRID, 2 * GRID)
+    assert CorrectionTrainConfig(image_factor=4).model(GRID).image_size == 4 * GRID
+
+
+def test_training_on_several_sets_holds_out_named_clips(tmp_path_factory, videos_dir: Path) -> None:
+    def clip(name: str) -> FakeClip:
+        return FakeClip(clip_frames(videos_dir, count=3), clip_id=name)
+
+    sets = {"A": [clip("a1"), clip("a2")], "B": [clip("b1"), clip("b2")]}
+    train, val = split_clips(CorrectionTrainConfig(), sets.__getitem__)
+    assert [[c.clip_id for c in s] for s in train] == [["a1", "a2"]] and [c.clip_id for c in val] == [
+        "b1",
+        "b2",
+    ]
+    config = CorrectionTrainConfig(train_set="A,B", val_clips=("b2",))
+    train, val = split_clips(config, sets.__getitem__)
+    assert [[c.clip_id for c in s] for s in train] == [["a1", "a2"], ["b1"]] and [c.clip_id for c in val] == [
+        "b2"
+    ]
+    with pytest.raises(ValueError, match="both a training and the validation set"):
+        split_clips(CorrectionTrainConfig(train_set="A,B"), sets.__getitem__)
+    with pytest.raises(ValueError, match="not in set"):
+        split_clips(CorrectionTrainConfig(val_clips=("b2",)), sets.__getitem__)
+    nets = networks(tmp_path_factory)
+    one = make_correction_pairs([sets["A"][0]], nets, per_frame=1, max_gap=2, progress=False)
+    two = make_correction_pairs([sets["B"][0]], nets, per_frame=2, max_gap=2, progress=False)
+    both = concat_pairs([one, two])
+    assert len(both) == len(one) + len(two) and len(both.images) == len(one.images) + len(two.images)
+    np.testing.assert_array_equal(both.pairs[len(one) :], two.pairs + len(one.images))
+    k, t = both.pairs[-1]
+    np.testing.assert_array_equal(both.images[t], two.images[two.pairs[-1, 1]])
+    np.testing.assert_array_equal(both.scores[k], two.scores[two.pairs[-1, 0]])
+
+
 def test_protected_classes_are_left_to_the_warp() -> None:
     model = WarpCorrector(CorrectionConfig(image_size=32, grid_size=16, protect=(2,))).eval()
     torch.nn.init.normal_(model.head.weight)
@@ -86,8 +136,10 @@ def test_protected_classes_are_left_to_the_warp() -> None:
 def test_correction_config_checks_and_round_trips() -> None:
     config = CorrectionConfig(image_size=64, grid_size=32, width=16, dilations=(1, 3), protect=(2,))
     assert config_from_json(config_to_json(config)) == config
-    with pytest.raises(ValueError, match="twice grid_size"):
+    with pytest.raises(ValueError, match="2 or 4 times grid_size"):
         CorrectionConfig(image_size=64, grid_size=64)
+    with pytest.raises(ValueError, match="2 or 4 times grid_size"):
+        CorrectionConfig(image_size=48, grid_size=16)
     with pytest.raises(ValueError, match="dilations"):
         CorrectionConfig(dilations=(1, 0))
     with pytest.raises(ValueError, match="protect"):

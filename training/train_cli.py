@@ -196,6 +196,22 @@ def _correction(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
     p.add_argument("--max-gap", type=int, default=d.max_gap, help="longest key-to-current distance")
     p.add_argument("--pairs-per-frame", type=int, default=d.pairs_per_frame)
     p.add_argument("--width", type=int, default=d.width, help="channels of the corrector")
+    p.add_argument("--train-sets", default=d.train_set, help="training set(s), comma-separated (default: A)")
+    p.add_argument(
+        "--val-clips",
+        type=lambda s: tuple(c.strip() for c in s.split(",") if c.strip()),
+        default=d.val_clips,
+        metavar="IDS",
+        help="comma-separated clips of the training sets held out for validation instead of set B "
+        "(needed when B is a training set)",
+    )
+    p.add_argument(
+        "--image-factor",
+        type=int,
+        choices=(2, 4),
+        default=d.image_factor,
+        help="crops the corrector sees, in multiples of the score grid (2: 128², 4: N's full 256²)",
+    )
     p.add_argument(
         "--protect",
         type=_class_list,
@@ -216,7 +232,13 @@ def _correction(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
     def run(args: argparse.Namespace) -> int:
         from facestream.engines.backends import create_networks
         from facestream.engines.weights import find_weights
-        from facestream.training.train_correction import make_correction_pairs, train_correction
+        from facestream.training.train_correction import (
+            CorrectionPairs,
+            concat_pairs,
+            make_correction_pairs,
+            split_clips,
+            train_correction,
+        )
 
         config = CorrectionTrainConfig(
             manifest=str(args.manifest),
@@ -227,6 +249,9 @@ def _correction(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
             max_gap=args.max_gap,
             pairs_per_frame=args.pairs_per_frame,
             width=args.width,
+            train_set=args.train_sets,
+            val_clips=args.val_clips,
+            image_factor=args.image_factor,
             protect=args.protect,
             affine=args.affine,
             val_every=args.val_every,
@@ -237,29 +262,32 @@ def _correction(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
         networks = create_networks(weights, "onnxruntime", threads=args.threads, flow="dis", conv6=False)
         manifest = load_manifest(config.manifest)
         progress = not args.no_progress
-        data = {}
-        for name, subset, per_frame in (
-            ("train", config.train_set, config.pairs_per_frame),
-            ("val", config.val_set, config.val_pairs_per_frame),
-        ):
-            clips = open_clips(
-                manifest, subset, teacher=config.teacher, labels_dir=args.labels, progress=progress
-            )
-            data[name] = make_correction_pairs(
+
+        def pairs(clips: list, per_frame: int) -> CorrectionPairs:
+            return make_correction_pairs(
                 clips,
                 networks,
                 per_frame=per_frame,
                 max_gap=config.max_gap,
                 seed=config.seed,
                 progress=progress,
+                image_factor=config.image_factor,
             )
+
+        train_sets, val_clips = split_clips(
+            config,
+            lambda s: open_clips(
+                manifest, s, teacher=config.teacher, labels_dir=args.labels, progress=progress
+            ),
+        )
+        train = concat_pairs([pairs(clips, config.pairs_per_frame) for clips in train_sets if clips])
+        val = pairs(val_clips, config.val_pairs_per_frame)
+        validation = ", ".join(config.val_clips) if config.val_clips else f"set {config.val_set}"
         card = {
-            "data": f"manifest {manifest.name}, set {config.train_set} (validation {config.val_set}), "
+            "data": f"manifest {manifest.name}, set {config.train_set} (validation {validation}), "
             f"teacher {config.teacher} labels; DIS flow; N {weights.fingerprint(('segmentation',))}",
         }
-        path = train_correction(
-            config, data["train"], data["val"], args.out, fresh=args.fresh, progress=progress, card=card
-        )
+        path = train_correction(config, train, val, args.out, fresh=args.fresh, progress=progress, card=card)
         print(f"wrote {path}")
         return 0
 

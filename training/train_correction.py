@@ -10,16 +10,19 @@ teacher label (cross-entropy + soft Dice at 128², bf16 autocast, horizontal fli
 brightness/contrast change on both crops; optionally the same random rotation/scale/aspect/shift
 of the whole pair, :func:`affine_pair`). N and the flow stay fixed.
 
-Validation: the same pairs on set B (fewer per frame): mIoU of the warped scores and of the
-corrected ones, against the labels, at the start and every ``val_every`` steps (``log.jsonl``,
-``training.png``).
+Training on several sets (``train_set="A,B"``) needs ``val_clips``: those clips leave the
+training data and become the validation data. Pairs are drawn per set (:func:`concat_pairs`).
+
+Validation: the same pairs on set B (fewer per frame), or on ``val_clips``: mIoU of the warped
+scores and of the corrected ones, against the labels, at the start and every ``val_every`` steps
+(``log.jsonl``, ``training.png``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +59,10 @@ from facestream.training.train_flow import plot_running_mean
 @dataclass(frozen=True)
 class CorrectionTrainConfig:
     manifest: str = "default"
-    train_set: str = "A"
+    train_set: str = "A"  # one set, or several joined by commas ("A,B")
     val_set: str = "B"
+    # clips of the training sets held out for validation instead of val_set (when training on B too)
+    val_clips: tuple[str, ...] = ()
     teacher: str = "mediapipe"
     steps: int = 2500
     batch: int = 32
@@ -69,6 +74,8 @@ class CorrectionTrainConfig:
     val_pairs_per_frame: int = 2
     dice_weight: float = 1.0
     width: int = 32
+    # the crops it sees, in multiples of the score grid: 2 (128², half N's input) or 4 (N's 256²)
+    image_factor: int = 2
     dilations: tuple[int, ...] = (1, 2, 4, 8)
     protect: tuple[int, ...] = (2,)  # classes left to the warp (CorrectionConfig.protect): eyes
     bf16: bool = True
@@ -83,7 +90,7 @@ class CorrectionTrainConfig:
     def model(self, grid_size: int) -> CorrectionConfig:
         return CorrectionConfig(
             num_classes=NUM_CLASSES,
-            image_size=2 * grid_size,
+            image_size=self.image_factor * grid_size,
             grid_size=grid_size,
             width=self.width,
             dilations=self.dilations,
@@ -96,7 +103,7 @@ class CorrectionPairs:
     """Frames (crops, labels, N's scores) and (key, current) pairs with their DIS flow."""
 
     images: np.ndarray  # (N, I, I, 3) uint8 crops at the corrector's input size
-    labels: np.ndarray  # (N, I, I) uint8 teacher labels on the same grid
+    labels: np.ndarray  # (N, L, L) uint8 teacher labels at twice the score grid
     scores: np.ndarray  # (N, K, G, G) float32 N's class scores of each frame
     pairs: np.ndarray  # (P, 2) int64 [key frame, current frame] indices into the arrays above
     flows: np.ndarray  # (P, 2, G, G) float16 DIS flow current -> key, grid pixels
@@ -113,12 +120,14 @@ def make_correction_pairs(
     max_gap: int,
     seed: int = 0,
     progress: bool = True,
+    image_factor: int = 2,
 ) -> CorrectionPairs:
     """Every labelled frame cut at its teacher square; ``per_frame`` random earlier frames of the
-    same run of labelled frames (gap <= ``max_gap``) as its keys."""
+    same run of labelled frames (gap <= ``max_gap``) as its keys. Crops at ``image_factor`` times
+    the score grid, labels at twice it."""
     size = networks.segmentation_config.input_size
     grid = networks.segmentation_config.feature_size
-    side = 2 * grid
+    side, image_side = 2 * grid, image_factor * grid
     rng = np.random.default_rng(seed)
     dis = create_dis()
     images, labels, scores, greys, runs = [], [], [], [], []
@@ -137,7 +146,11 @@ def make_correction_pairs(
             previous = i
             crop = crop_square(rgb, box, size)
             label = crop_square(clip.label(i), box, side, nearest=True)
-            images.append(cv2.resize(crop, (side, side), interpolation=cv2.INTER_AREA))
+            images.append(
+                crop
+                if image_side == size
+                else cv2.resize(crop, (image_side,) * 2, interpolation=cv2.INTER_AREA)
+            )
             labels.append(label)
             greys.append(cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY))
             runs.append(run)
@@ -162,6 +175,42 @@ def make_correction_pairs(
         np.asarray(pairs, dtype=np.int64),
         np.stack(flows),
     )
+
+
+def concat_pairs(parts: Sequence[CorrectionPairs]) -> CorrectionPairs:
+    """One pair set from several (frame indices of each part shifted past the previous ones)."""
+    offsets = np.cumsum([0] + [len(p.images) for p in parts[:-1]])
+    return CorrectionPairs(
+        np.concatenate([p.images for p in parts]),
+        np.concatenate([p.labels for p in parts]),
+        np.concatenate([p.scores for p in parts]),
+        np.concatenate([p.pairs + o for p, o in zip(parts, offsets, strict=True)]),
+        np.concatenate([p.flows for p in parts]),
+    )
+
+
+def split_clips(
+    config: CorrectionTrainConfig, open_set: Callable[[str], list[Clip]]
+) -> tuple[list[list[Clip]], list[Clip]]:
+    """(training clips by set, validation clips) of ``config``; ``open_set`` opens one set."""
+    sets = [s.strip() for s in config.train_set.split(",") if s.strip()]
+    if not sets:
+        raise ValueError("no training set named")
+    held = set(config.val_clips)
+    if not held and config.val_set in sets:
+        raise ValueError(
+            f"set {config.val_set} is both a training and the validation set: "
+            "name the clips to hold out for validation (val_clips)"
+        )
+    opened = [open_set(s) for s in sets]
+    train = [[c for c in clips if c.clip_id not in held] for clips in opened]
+    if not held:
+        return train, open_set(config.val_set)
+    val = [c for clips in opened for c in clips if c.clip_id in held]
+    missing = held - {c.clip_id for c in val}
+    if missing:
+        raise ValueError(f"validation clips not in set(s) {config.train_set}: {', '.join(sorted(missing))}")
+    return train, val
 
 
 def batch_inputs(
