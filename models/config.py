@@ -190,7 +190,7 @@ class CorrectionConfig:
     num_classes: int = 5
     image_size: int = 128
     grid_size: int = 64
-    width: int = 32
+    width: int = 48
     dilations: tuple[int, ...] = (1, 2, 4, 8)
     protect: tuple[int, ...] = ()
 
