@@ -3,8 +3,9 @@
 A warped key frame cannot open a mouth that was closed at the key, and it drifts on eyes and lips
 as the gap grows. This small network looks at the current crop itself, at the key crop warped by
 the same flow (where the two disagree, the warp failed) and at the warped key scores, and adds a
-residual to those scores. It sees the crops at half N's input (128²) and works on N's stride-4
-score grid (64²): a stride-2 stem, a 1x1 fusion with the warped class probabilities, then
+residual to those scores. It sees the crops at half N's input (128²; or N's full 256² through
+two stride-2 convolutions, ``image_size = 4 * grid_size``) and works on N's stride-4 score grid
+(64²): a stride-2 stem, a 1x1 fusion with the warped class probabilities, then
 residual dilated 3x3 blocks. Its last layer starts at zero, so an untrained corrector returns the
 warped scores unchanged. Classes in ``config.protect`` are left to the warp: no residual on their
 scores, and none at all on pixels the warp assigns to them.
