@@ -181,6 +181,8 @@ def make_correction_pairs(
 
 def concat_pairs(parts: Sequence[CorrectionPairs]) -> CorrectionPairs:
     """One pair set from several (frame indices of each part shifted past the previous ones)."""
+    if len(parts) == 1:  # the default, one training set: no copy of its (large) arrays
+        return parts[0]
     offsets = np.cumsum([0] + [len(p.images) for p in parts[:-1]])
     return CorrectionPairs(
         np.concatenate([p.images for p in parts]),
