@@ -185,6 +185,11 @@ class CorrectionConfig:
     ``protect``: classes the corrector leaves to the warp: their scores get no residual, and
     neither does any class on a pixel the warp gives to one of them (2 = eyes: a corrector trained
     on set A erased the eyes of narrow-eyed and bespectacled faces, README "The warp corrector").
+    ``protect_margin``: grid cells around those pixels that get no residual either. The scores
+    are upsampled bilinearly before the argmax, so a residual on the cells next to a protected
+    region moves its edge: at 0 the corrector still shrank the eyes of narrow-eyed faces by
+    boosting skin around them (README "The eye guard's margin"); at 1 the protected classes'
+    mask is the warp's.
     """
 
     num_classes: int = 5
@@ -193,6 +198,7 @@ class CorrectionConfig:
     width: int = 48
     dilations: tuple[int, ...] = (1, 2, 4, 8)
     protect: tuple[int, ...] = ()
+    protect_margin: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dilations", tuple(self.dilations))  # JSON round trips give lists
@@ -203,6 +209,7 @@ class CorrectionConfig:
             f"protect must list distinct class ids below {self.num_classes}, got {self.protect}",
         )
         _check(self.num_classes > 1, f"num_classes must be > 1, got {self.num_classes}")
+        _check(self.protect_margin >= 0, f"protect_margin must be >= 0, got {self.protect_margin}")
         _check(self.width > 0, f"width must be positive, got {self.width}")
         _check(all(d > 0 for d in self.dilations), f"dilations must be positive, got {self.dilations}")
         _check(

@@ -8,7 +8,8 @@ two stride-2 convolutions, ``image_size = 4 * grid_size``) and works on N's stri
 (64²): a stride-2 stem, a 1x1 fusion with the warped class probabilities, then
 residual dilated 3x3 blocks. Its last layer starts at zero, so an untrained corrector returns the
 warped scores unchanged. Classes in ``config.protect`` are left to the warp: no residual on their
-scores, and none at all on pixels the warp assigns to them.
+scores, and none at all on pixels the warp assigns to them or within ``protect_margin`` grid cells
+of them (so that the upsampled mask of a protected class is the warp's).
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ class WarpCorrector(nn.Module):
         if cfg.protect:
             residual = residual * self.keep
             warped = scores.argmax(dim=1, keepdim=True)
+            guarded = torch.zeros_like(warped, dtype=residual.dtype)
             for c in cfg.protect:
-                residual = residual * (warped != c).to(residual.dtype)
+                guarded = torch.maximum(guarded, (warped == c).to(residual.dtype))
+            if cfg.protect_margin:
+                m = cfg.protect_margin
+                guarded = F.max_pool2d(guarded, 2 * m + 1, stride=1, padding=m)
+            residual = residual * (1 - guarded)
         return scores + residual

@@ -38,6 +38,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,6 +59,7 @@ from facestream.engines.schedulers import (
 )
 from facestream.engines.weights import WeightSet, load_network, read_metadata
 from facestream.models import KeyPolicy
+from facestream.models.config import config_to_json
 from facestream.training.manifest import Clip
 from facestream.training.oracle import Oracle
 
@@ -383,7 +385,10 @@ def cached_pair_table(
     # `correct` is left out: whether the corrector ran is in the fingerprint (pair_fingerprint),
     # so tables made without one keep their names
     settings = {k: v for k, v in asdict(config).items() if k != "correct"}
-    key = json.dumps([clip_identity(clip), fingerprint, settings, networks.backend, conv6, TABLE_FORMAT])
+    parts: list[Any] = [clip_identity(clip), fingerprint, settings, networks.backend, conv6, TABLE_FORMAT]
+    if config.correct and networks.has_correction:  # its guard lives in the config, not the weights
+        parts.append(config_to_json(networks.correction_config))
+    key = json.dumps(parts)
     path = cache / f"{clip.clip_id}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if path.is_file():
         return PairTable.load(path)

@@ -220,6 +220,18 @@ def _correction(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
         help="comma-separated classes left to the warp (names or ids; default: eyes; '' for none)",
     )
     p.add_argument(
+        "--protect-margin",
+        type=int,
+        default=d.protect_margin,
+        help="grid cells around the warp's protected pixels left alone too (default %(default)s)",
+    )
+    p.add_argument(
+        "--train-protect-margin",
+        type=int,
+        default=d.train_protect_margin,
+        help="the margin while training (default %(default)s, as the shipped corrector)",
+    )
+    p.add_argument(
         "--affine",
         type=float,
         default=d.affine,
@@ -253,6 +265,8 @@ def _correction(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
             val_clips=args.val_clips,
             image_factor=args.image_factor,
             protect=args.protect,
+            protect_margin=args.protect_margin,
+            train_protect_margin=args.train_protect_margin,
             affine=args.affine,
             val_every=args.val_every,
             bf16=not args.fp32,
