@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from facestream.engines.weights import FILES, REQUIRED, file_sha256, load_network, read_metadata, save_network
+from facestream.models.config import config_from_json, config_to_dict
 
 LICENCE = {
     "mediapipe": "labels from MediaPipe Face Mesh (Apache-2.0 model); the videos' own licences apply "
@@ -82,7 +83,8 @@ def _unchanged(path: Path, module: Any, card: Mapping[str, Any]) -> bool:
 
 
 def model_card(name: str, path: Path, card: Mapping[str, Any]) -> str:
-    config = json.loads(read_metadata(path)["config"])
+    # the config the network runs with: the stored one, with defaults for fields added since
+    config = config_to_dict(config_from_json(read_metadata(path)["config"]))
     size_mb = path.stat().st_size / 1e6
     stored = card.get("stored_as", "float32")
     params = card.get("parameters")
