@@ -33,7 +33,7 @@ from facestream.engines.weights import WeightSet
 from facestream.models import warp
 
 OPSET = 17
-EXPORT_FORMAT = "facestream-onnx-2"  # 2: the corrector guard's margin
+EXPORT_FORMAT = "facestream-onnx-3"  # 2: the corrector guard's margin; 3: eyes may grow in it
 
 
 class _Features(nn.Module):

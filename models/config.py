@@ -190,6 +190,9 @@ class CorrectionConfig:
     region moves its edge: at 0 the corrector still shrank the eyes of narrow-eyed faces by
     boosting skin around them (README "The eye guard's margin"); at 1 the protected classes'
     mask is the warp's.
+    ``protect_grow``: inside that guarded zone the other classes' residuals may still lower
+    their scores, never raise them, so a protected region can grow (where the warp missed part
+    of an eye) but never shrink; off, the zone gets no residual at all (README "The eye guard").
     """
 
     num_classes: int = 5
@@ -199,6 +202,7 @@ class CorrectionConfig:
     dilations: tuple[int, ...] = (1, 2, 4, 8)
     protect: tuple[int, ...] = ()
     protect_margin: int = 1
+    protect_grow: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dilations", tuple(self.dilations))  # JSON round trips give lists

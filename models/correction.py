@@ -8,8 +8,9 @@ two stride-2 convolutions, ``image_size = 4 * grid_size``) and works on N's stri
 (64²): a stride-2 stem, a 1x1 fusion with the warped class probabilities, then
 residual dilated 3x3 blocks. Its last layer starts at zero, so an untrained corrector returns the
 warped scores unchanged. Classes in ``config.protect`` are left to the warp: no residual on their
-scores, and none at all on pixels the warp assigns to them or within ``protect_margin`` grid cells
-of them (so that the upsampled mask of a protected class is the warp's).
+scores, and on pixels the warp assigns to them or within ``protect_margin`` grid cells of them the
+other classes' residuals may only be negative (``protect_grow``; or are zero without it), so the
+upsampled mask of a protected class contains the warp's: it may grow, never shrink.
 """
 
 from __future__ import annotations
@@ -94,5 +95,8 @@ class WarpCorrector(nn.Module):
             if cfg.protect_margin:
                 m = cfg.protect_margin
                 guarded = F.max_pool2d(guarded, 2 * m + 1, stride=1, padding=m)
-            residual = residual * (1 - guarded)
+            kept = residual * (1 - guarded)
+            if cfg.protect_grow:  # in the zone, other classes may only lose: eyes grow, never shrink
+                kept = kept + residual.clamp(max=0.0) * guarded
+            residual = kept
         return scores + residual

@@ -129,8 +129,15 @@ def test_protected_classes_are_left_to_the_warp() -> None:
         residual = model(current, key, flow, scores) - scores
     assert float(residual[:, 2].abs().max()) == 0.0  # no residual on the eye scores
     eyes = scores.argmax(dim=1) == 2
-    assert bool(eyes.any()) and float(residual.permute(0, 2, 3, 1)[eyes].abs().max()) == 0.0
+    on_eyes = residual.permute(0, 2, 3, 1)[eyes]
+    assert bool(eyes.any()) and float(on_eyes.max()) == 0.0  # other classes only lose there
+    assert float(on_eyes.min()) < -0.1
     assert float(residual.abs().max()) > 0.1  # elsewhere it corrects
+    frozen = WarpCorrector(CorrectionConfig(image_size=32, grid_size=16, protect=(2,), protect_grow=False))
+    frozen.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        residual = frozen.eval()(current, key, flow, scores) - scores
+    assert float(residual.permute(0, 2, 3, 1)[eyes].abs().max()) == 0.0
 
 
 def test_guard_margin_keeps_the_upsampled_mask_of_a_protected_class() -> None:
@@ -162,6 +169,48 @@ def test_guard_margin_keeps_the_upsampled_mask_of_a_protected_class() -> None:
     assert CorrectionConfig().protect_margin == 1
     with pytest.raises(ValueError, match="protect_margin"):
         CorrectionConfig(protect_margin=-1)
+
+
+def test_guard_lets_a_protected_class_grow_but_never_shrink() -> None:
+    """``protect_grow``: in the guarded zone other classes may lose score, never gain it. A corrector
+    that lowers skin grows the thin eye into the margin; one that boosts skin leaves it the warp's;
+    with random residuals the upsampled eye always contains the warp's. Without ``protect_grow`` the
+    zone is frozen."""
+    grid = 16
+    scores = torch.zeros(1, 5, grid, grid)
+    scores[:, 1] = 2.0
+    scores[:, 2, 7, 4:12] = 4.0  # a one-cell-tall eye
+    scores[:, 2, 6, 4:12] = 1.5  # and eye evidence just above it, where skin still wins
+    current, key, flow, _ = _inputs(1, grid)
+    flow = torch.zeros_like(flow)
+
+    def eye(corrected: torch.Tensor) -> torch.Tensor:
+        up = torch.nn.functional.interpolate(corrected, size=(128, 128), mode="bilinear", align_corners=False)
+        return up.argmax(dim=1) == 2
+
+    warped_eye = eye(scores)
+
+    def corrected(skin_bias: float, grow: bool) -> torch.Tensor:
+        config = CorrectionConfig(image_size=32, grid_size=grid, protect=(2,), protect_grow=grow)
+        model = WarpCorrector(config)
+        torch.nn.init.zeros_(model.head.weight)
+        assert model.head.bias is not None
+        with torch.no_grad():
+            model.head.bias[1] = skin_bias
+            return model.eval()(current, key, flow, scores)
+
+    grown = eye(corrected(-1.0, grow=True))
+    assert bool((grown & ~warped_eye).any()) and not bool((warped_eye & ~grown).any())
+    assert torch.equal(eye(corrected(-1.0, grow=False)), warped_eye)  # frozen zone
+    assert torch.equal(eye(corrected(3.0, grow=True)), warped_eye)  # boosting skin: no effect
+    assert CorrectionConfig().protect_grow
+    torch.manual_seed(0)
+    for _ in range(5):
+        model = WarpCorrector(CorrectionConfig(image_size=32, grid_size=grid, protect=(2,)))
+        torch.nn.init.normal_(model.head.weight, std=0.5)
+        with torch.no_grad():
+            eye_now = eye(model.eval()(current, key, flow, scores))
+        assert not bool((warped_eye & ~eye_now).any())
 
 
 def test_correction_config_checks_and_round_trips() -> None:
@@ -305,6 +354,7 @@ def test_train_correction_learns_validates_and_resumes(tmp_path_factory, videos_
     # trained with the guard's margin at 0 (as shipped), saved with the margin it runs with
     assert config.train_protect_margin == 0 and model.config.protect_margin == config.protect_margin == 1
     assert config.model(GRID, training=True).protect_margin == 0
+    assert model.config.protect_grow and not config.model(GRID, training=True).protect_grow
     card = read_metadata(path)["card"]
     assert '"val_miou_corrected"' in card and '"trained": true' in card
     assert (tmp_path / "training.png").is_file()

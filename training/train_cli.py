@@ -232,6 +232,18 @@ def _correction(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
         help="the margin while training (default %(default)s, as the shipped corrector)",
     )
     p.add_argument(
+        "--protect-grow",
+        action=argparse.BooleanOptionalAction,
+        default=d.protect_grow,
+        help="in the guarded zone other classes may still lose score, so eyes grow but never shrink",
+    )
+    p.add_argument(
+        "--train-protect-grow",
+        action=argparse.BooleanOptionalAction,
+        default=d.train_protect_grow,
+        help="the same while training (default off, as the shipped corrector)",
+    )
+    p.add_argument(
         "--affine",
         type=float,
         default=d.affine,
@@ -267,6 +279,8 @@ def _correction(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
             protect=args.protect,
             protect_margin=args.protect_margin,
             train_protect_margin=args.train_protect_margin,
+            protect_grow=args.protect_grow,
+            train_protect_grow=args.train_protect_grow,
             affine=args.affine,
             val_every=args.val_every,
             bf16=not args.fp32,

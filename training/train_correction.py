@@ -86,6 +86,11 @@ class CorrectionTrainConfig:
     # trained with 1 throughout (README "The eye guard's margin")
     protect_margin: int = 1
     train_protect_margin: int = 0
+    # in that zone, other classes' residuals may still be negative (CorrectionConfig.protect_grow):
+    # eyes may grow, never shrink. Run-time only, as the shipped corrector: set-B validation 77.4
+    # against 77.0 with the zone frozen (README "The eye guard")
+    protect_grow: bool = True
+    train_protect_grow: bool = False
     bf16: bool = True
     seed: int = 0
     val_every: int = 500
@@ -98,6 +103,7 @@ class CorrectionTrainConfig:
     def model(self, grid_size: int, *, training: bool = False) -> CorrectionConfig:
         """The network's config: as saved and run, or (``training``) as it trains."""
         margin = self.train_protect_margin if training else self.protect_margin
+        grow = self.train_protect_grow if training else self.protect_grow
         return CorrectionConfig(
             num_classes=NUM_CLASSES,
             image_size=self.image_factor * grid_size,
@@ -106,6 +112,7 @@ class CorrectionTrainConfig:
             dilations=self.dilations,
             protect=self.protect,
             protect_margin=margin,
+            protect_grow=grow,
         )
 
 
