@@ -276,7 +276,7 @@ def _cut_expert_feedback(weights: WeightSet) -> None:
     """
     policy = weights.load("policy")
     with torch.no_grad():
-        at = policy.config.fc_sizes[2]  # FC3's inputs: [FC2 (at), KAR, LKD, cues...]
+        at = policy.config.trunk_size  # FC3's inputs: [FC2 (+ quality) (at), KAR, LKD, cues...]
         policy.fc3.weight[:, at : at + 2] = 0.0
     save_network(policy, weights.paths["policy"], {"trained": False, "note": "bench: expert inputs cut"})
 

@@ -132,9 +132,14 @@ class PolicyConfig:
     # them): the expert vector becomes [KAR, LKD/window, *cues], the cues standardised inside
     # the network by buffers set from the training data. () is the paper's state.
     cues: tuple[str, ...] = ()
+    # Not in the paper: a DVSNet-shaped quality branch on the trunk (FC0 -> ``quality_size`` ->
+    # 1, sigmoid: the warped frame's expected mIoU), meant to be copied from a trained DVSNet head
+    # with Conv0/FC0 (``--init-trunk``); FC3 then sees [FC2, quality, KAR, LKD, cues]. 0: none.
+    quality_size: int = 0
 
     def __post_init__(self) -> None:
         _check(len(self.fc_sizes) == 3, f"fc_sizes needs 3 sizes, got {self.fc_sizes}")
+        _check(self.quality_size >= 0, f"quality_size must be >= 0, got {self.quality_size}")
         _check(self.window > 0, f"window must be positive, got {self.window}")
         object.__setattr__(self, "cues", check_cues(self.cues))  # JSON round trips give lists
         _check_sizes(self, ("in_channels", "conv6_size", "conv0_channels"))
@@ -143,6 +148,11 @@ class PolicyConfig:
     def expert_size(self) -> int:
         """Width of the expert input: KAR, LKD and the cues."""
         return 2 + len(self.cues)
+
+    @property
+    def trunk_size(self) -> int:
+        """Width of what the trunk hands FC3: FC2's activations and, with a quality branch, its output."""
+        return self.fc_sizes[2] + (1 if self.quality_size else 0)
 
 
 # The policy cues a model may take (engines.cues says what each one measures). The relative ones

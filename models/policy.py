@@ -32,7 +32,10 @@ class KeyPolicy(nn.Module):
         self.fc0 = nn.Linear(flat, fc0)
         self.fc1 = nn.Linear(fc0, fc1)
         self.fc2 = nn.Linear(fc1, fc2)
-        self.fc3 = nn.Linear(fc2 + config.expert_size, 2)
+        self.fc3 = nn.Linear(config.trunk_size + config.expert_size, 2)
+        if config.quality_size:  # DVSNet's FC1 and output layer, fed by FC0
+            self.quality_fc = nn.Linear(fc0, config.quality_size)
+            self.quality_out = nn.Linear(config.quality_size, 1)
         if config.normalize_input:
             self.register_buffer("conv6_mean", torch.zeros(config.in_channels))
             self.register_buffer("conv6_scale", torch.ones(config.in_channels))
@@ -62,7 +65,8 @@ class KeyPolicy(nn.Module):
         return self.head(self.trunk(conv6), expert)
 
     def trunk(self, conv6: torch.Tensor) -> torch.Tensor:
-        """The part that sees only D: Conv6 features (B, C, s, s) -> FC2 activations (B, 128).
+        """The part that sees only D: Conv6 features (B, C, s, s) -> FC2 activations (B, 128),
+        followed by the quality branch's output (B, 129) when ``config.quality_size``.
 
         Split out so that evaluation and RL training can run it once per frame pair and replay
         ``head`` under different decision histories."""
@@ -74,11 +78,14 @@ class KeyPolicy(nn.Module):
             conv6 = (conv6 - self.conv6_mean[:, None, None]) * self.conv6_scale[:, None, None]
         x = torch.relu(self.conv0(conv6)).flatten(1)
         x = torch.relu(self.fc0(x))
-        x = torch.relu(self.fc1(x))
-        return torch.relu(self.fc2(x))
+        out = torch.relu(self.fc2(torch.relu(self.fc1(x))))
+        if not cfg.quality_size:
+            return out
+        quality = torch.sigmoid(self.quality_out(torch.relu(self.quality_fc(x))))
+        return torch.cat((out, quality), dim=1)
 
     def head(self, trunk: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-        """FC3 on [trunk (B, 128), expert (B, E)] -> logits (B, 2)."""
+        """FC3 on [trunk (B, ``config.trunk_size``), expert (B, E)] -> logits (B, 2)."""
         size = self.config.expert_size
         if expert.dim() != 2 or expert.shape[1] != size:
             raise ValueError(f"KeyPolicy expects expert info (B,{size}), got {tuple(expert.shape)}")

@@ -306,6 +306,32 @@ def test_policy_trunk_from_a_dvsnet_head(tmp_path: Path) -> None:
         init_trunk_from_dvsnet(KeyPolicy(PolicyConfig(in_channels=16, conv6_size=2)), path)
 
 
+def test_policy_quality_branch_is_the_dvsnet_head(tmp_path: Path) -> None:
+    """With ``quality_size`` the trunk's last output is the copied DVSNet head's prediction, FC3
+    sees it, it round-trips through the weight file and stays frozen with the trunk."""
+    torch.manual_seed(0)
+    config = DVSNetConfig(in_channels=8, conv6_size=2, fc_sizes=(32, 16))
+    head = DVSNetHead(config).eval()
+    path = save_network(head, tmp_path / "dvsnet.safetensors", {"trained": False})
+    head = load_network(path).float().eval()  # the float16 file's values
+    policy = KeyPolicy(PolicyConfig(in_channels=8, conv6_size=2, fc_sizes=(32, 32, 8), quality_size=16))
+    assert policy.config.trunk_size == 9 and policy.fc3.in_features == 9 + 2
+    init_trunk_from_dvsnet(policy, path, freeze=True)
+    conv6 = torch.randn(5, 8, 2, 2)
+    with torch.no_grad():
+        trunk = policy.eval().trunk(conv6)
+        assert trunk.shape == (5, 9)
+        torch.testing.assert_close(trunk[:, -1], head(conv6))
+        before = policy(conv6, torch.zeros(5, 2))
+        policy.fc3.weight[:, 8] += 1.0  # FC3's weight on the quality input moves the logits
+        assert not torch.allclose(before, policy(conv6, torch.zeros(5, 2)))
+    assert not policy.quality_fc.weight.requires_grad and not policy.quality_out.weight.requires_grad
+    loaded = load_network(save_network(policy, tmp_path / "policy.safetensors", {"trained": False}))
+    assert isinstance(loaded, KeyPolicy) and loaded.config.quality_size == 16
+    with pytest.raises(ValueError, match="init_trunk"):
+        PolicyTrainConfig(quality=True)
+
+
 def _small_reinforce(**changes: Any) -> PolicyTrainConfig:
     """A REINFORCE run that the synthetic tables teach in seconds."""
     return PolicyTrainConfig(

@@ -455,6 +455,12 @@ def _policy(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], i
         f"{', '.join(POLICY_CUES)}; default: none, the paper's state)",
     )
     p.add_argument(
+        "--quality",
+        action="store_true",
+        help="also copy the --init-trunk DVSNet head's quality output into the policy; FC3 sees "
+        "that predicted mIoU next to FC2 (not in the paper)",
+    )
+    p.add_argument(
         "--strides",
         type=_stride_list,
         default=d.strides,
@@ -484,6 +490,7 @@ def _policy(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], i
             init_trunk=args.init_trunk,
             freeze_trunk=args.freeze_trunk,
             cues=args.cues,
+            quality=args.quality,
             strides=args.strides,
             seed=args.seed,
         )

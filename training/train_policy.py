@@ -85,6 +85,10 @@ class PolicyTrainConfig:
     # the warped frame's quality; ``freeze_trunk`` keeps them fixed (REINFORCE trains FC1-FC3).
     init_trunk: str | None = None
     freeze_trunk: bool = False
+    # Also copy the DVSNet head's FC1 and output layer into a quality branch whose output (the
+    # warped frame's predicted mIoU) FC3 sees next to FC2 (PolicyConfig.quality_size; not in the
+    # paper). Needs ``init_trunk``; ``freeze_trunk`` keeps the branch fixed too.
+    quality: bool = False
     # Per-frame cues next to [KAR, LKD] in the state (PolicyConfig.cues; engines.cues): () is the
     # paper's state.
     cues: tuple[str, ...] = ()
@@ -100,6 +104,8 @@ class PolicyTrainConfig:
         if not 0 < self.eta < 1:
             raise ValueError(f"eta is a key-all ratio in (0, 1), got {self.eta}")
         object.__setattr__(self, "cues", check_cues(self.cues))
+        if self.quality and not self.init_trunk:
+            raise ValueError("quality needs init_trunk: the branch is copied from a trained DVSNet head")
         object.__setattr__(self, "strides", tuple(self.strides))
         if not self.strides or min(self.strides) < 1 or len(set(self.strides)) != len(self.strides):
             raise ValueError(f"strides must be distinct whole numbers >= 1, got {self.strides}")
@@ -341,11 +347,14 @@ def rmsprop(policy: nn.Module, config: PolicyTrainConfig) -> torch.optim.RMSprop
 
 
 def init_trunk_from_dvsnet(policy: KeyPolicy, path: str | Path, freeze: bool = False) -> None:
-    """Copy a trained DVSNet head's Conv and FC0 into the policy's Conv0 and FC0."""
+    """Copy a trained DVSNet head's Conv and FC0 into the policy's Conv0 and FC0 (and its FC1 and
+    output layer into the policy's quality branch, when it has one)."""
     head = load_network(Path(path))
     if not isinstance(head, DVSNetHead):
         raise ValueError(f"{path} is not a DVSNet head")
-    pairs = ((head.conv, policy.conv0), (head.fc0, policy.fc0))
+    pairs = [(head.conv, policy.conv0), (head.fc0, policy.fc0)]
+    if policy.config.quality_size:
+        pairs += [(head.fc1, policy.quality_fc), (head.out, policy.quality_out)]
     for source, target in pairs:
         if source.weight.shape != target.weight.shape:
             raise ValueError(
@@ -356,7 +365,11 @@ def init_trunk_from_dvsnet(policy: KeyPolicy, path: str | Path, freeze: bool = F
 
 
 def policy_config_for(
-    tables: Sequence[PairTable], window: int = 90, normalize_input: bool = False, cues: Sequence[str] = ()
+    tables: Sequence[PairTable],
+    window: int = 90,
+    normalize_input: bool = False,
+    cues: Sequence[str] = (),
+    quality_size: int = 0,
 ) -> PolicyConfig:
     shape = tables[0].conv6.shape
     return PolicyConfig(
@@ -365,6 +378,7 @@ def policy_config_for(
         window=window,
         normalize_input=normalize_input,
         cues=tuple(cues),
+        quality_size=quality_size,
     )
 
 
@@ -412,7 +426,16 @@ def train_policy(
     open_run(out, config, fresh=fresh)
     seed_everything(config.seed)
     tables = faster(tables, config.strides)
-    policy = KeyPolicy(policy_config_for(tables, config.window, config.normalize_input, config.cues))
+    quality_size = 0
+    if config.quality:
+        assert config.init_trunk is not None  # __post_init__
+        dvsnet = load_network(Path(config.init_trunk))
+        if not isinstance(dvsnet, DVSNetHead):
+            raise ValueError(f"{config.init_trunk} is not a DVSNet head")
+        quality_size = dvsnet.config.fc_sizes[1]
+    policy = KeyPolicy(
+        policy_config_for(tables, config.window, config.normalize_input, config.cues, quality_size)
+    )
     if config.normalize_input:
         policy.set_input_statistics(conv6_sample(tables))
     if config.cues:
