@@ -346,12 +346,18 @@ def rmsprop(policy: nn.Module, config: PolicyTrainConfig) -> torch.optim.RMSprop
     return optimizer
 
 
-def init_trunk_from_dvsnet(policy: KeyPolicy, path: str | Path, freeze: bool = False) -> None:
-    """Copy a trained DVSNet head's Conv and FC0 into the policy's Conv0 and FC0 (and its FC1 and
-    output layer into the policy's quality branch, when it has one)."""
+def load_dvsnet_head(path: str | Path) -> DVSNetHead:
+    """The trained DVSNet head in ``path``, or ValueError if the file holds another network."""
     head = load_network(Path(path))
     if not isinstance(head, DVSNetHead):
         raise ValueError(f"{path} is not a DVSNet head")
+    return head
+
+
+def init_trunk_from_dvsnet(policy: KeyPolicy, path: str | Path, freeze: bool = False) -> None:
+    """Copy a trained DVSNet head's Conv and FC0 into the policy's Conv0 and FC0 (and its FC1 and
+    output layer into the policy's quality branch, when it has one)."""
+    head = load_dvsnet_head(path)
     pairs = [(head.conv, policy.conv0), (head.fc0, policy.fc0)]
     if policy.config.quality_size:
         pairs += [(head.fc1, policy.quality_fc), (head.out, policy.quality_out)]
@@ -429,10 +435,7 @@ def train_policy(
     quality_size = 0
     if config.quality:
         assert config.init_trunk is not None  # __post_init__
-        dvsnet = load_network(Path(config.init_trunk))
-        if not isinstance(dvsnet, DVSNetHead):
-            raise ValueError(f"{config.init_trunk} is not a DVSNet head")
-        quality_size = dvsnet.config.fc_sizes[1]
+        quality_size = load_dvsnet_head(config.init_trunk).config.fc_sizes[1]
     policy = KeyPolicy(
         policy_config_for(tables, config.window, config.normalize_input, config.cues, quality_size)
     )
