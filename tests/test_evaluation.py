@@ -319,6 +319,11 @@ def test_evaluate_command_end_to_end(
     assert "fixed over its key phases" in (out / "comparison.md").read_text()
     assert len(list((out / "cache").glob("*.npz"))) == 2
     assert main(args) == 0  # a rerun reads the cached labels and pair tables
+    assert main([*args, "--starts", "3", "--start-step", "4"]) == 0  # every clip from 3 start frames
+    report = json.loads((out / "report.json").read_text())
+    assert report["starts"] == {"count": 3, "step": 4}
+    assert [c["clip"] for c in report["clips"]][2:] == ["lp_d12+4", "st_w1+4", "lp_d12+8", "st_w1+8"]
+    assert len(list((out / "cache").glob("*.npz"))) == 2  # the same tables, watched from later
 
 
 def test_comparison_interpolates_each_schedulers_best_curve() -> None:
@@ -380,6 +385,27 @@ def test_reversed_clip_plays_the_clip_backwards(clip: FakeClip, table: PairTable
     assert (
         reversed_table.valid[6, 1] and not reversed_table.valid[5, 1]
     )  # frame 4 (9 of the clip) is unscored
+
+
+def test_table_from_a_later_start_keys_and_scores_only_from_there(table: PairTable, nets: Networks) -> None:
+    """Episodes [0, 9) and [10, 14) (frame 9 has no label) watched from 2 frames in: [2, 9) and
+    [12, 14); no pair reaches back before a start, and every scheduler's first key moves there."""
+    assert table.episodes() == [(0, 9), (10, 14)]
+    late = table.from_start(2)
+    assert late.clip_id == "fake+2" and late.episodes() == [(2, 9), (12, 14)]
+    assert late.confusion is table.confusion and late.conv6 is table.conv6  # shared, not copied
+    for i in range(table.frames):
+        for g in range(table.max_gap + 1):
+            start = 2 if i < 9 else 12
+            assert late.valid[i, g] == (table.valid[i, g] and i - g >= start), (i, g)
+    walk = replay(make_scheduler("fixed", 3), [late], nets)
+    assert walk.key_frames["fake+2"] == [2, 5, 8, 12] and walk.frames == 7 + 2
+    pairs = [(2, 0), (3, 1), (4, 2), (5, 0), (6, 1), (7, 2), (8, 0), (12, 0), (13, 1)]
+    assert walk.frame_mious == [pytest.approx(miou(table.confusion[i, g])) for i, g in pairs]
+    assert table.from_start(4).episodes() == [(4, 9)]  # the 4-frame episode drops out
+    assert table.from_start(0) is table
+    with pytest.raises(ValueError, match="offset"):
+        table.from_start(-1)
 
 
 def test_subsampled_table_is_the_clip_played_faster(table: PairTable) -> None:

@@ -189,6 +189,14 @@ class EvaluateCommand:
             "--aki", type=float, default=30.0, help="AKI of the histogram/timeline/mask figures"
         )
         parser.add_argument("--timeline-clip", help="clip of the timeline and mask figures (default: first)")
+        parser.add_argument(
+            "--starts",
+            type=int,
+            default=1,
+            help="watch every clip from this many start frames, --start-step apart, and pool them "
+            "(every scheduler then has as many key grids as fixed has phases; default 1)",
+        )
+        parser.add_argument("--start-step", type=int, default=10, help="frames between starts (default 10)")
         parser.add_argument("--threads", type=int, help="CPU threads for inference")
         parser.add_argument("--no-progress", action="store_true")
 
@@ -221,6 +229,8 @@ class EvaluateCommand:
                 policies=policies,
                 chosen_aki=args.aki,
                 timeline_clip=args.timeline_clip,
+                starts=args.starts,
+                start_step=args.start_step,
                 config=EvalConfig(max_gap=args.max_gap, track=not args.no_track, correct=args.correct),
                 cache=args.cache or args.out / "cache",
                 progress=not args.no_progress,

@@ -57,6 +57,12 @@ class SweepOptions:
     config: EvalConfig = field(default_factory=EvalConfig)
     cache: Path | None = None
     progress: bool = True
+    starts: int = 1  # watch every clip from this many start frames (PairTable.from_start) ...
+    start_step: int = 10  # ... this many frames apart
+
+    def __post_init__(self) -> None:
+        if self.starts < 1 or self.start_step < 1:
+            raise ValueError(f"starts and start_step must be >= 1, got {self.starts}, {self.start_step}")
 
 
 @dataclass
@@ -210,10 +216,11 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     clock: dict[str, float] = {}
     start = time.perf_counter()
-    tables = [
+    whole = [
         cached_pair_table(c, networks, fingerprint, options.config, options.cache, options.progress)
         for c in clips
     ]
+    tables = [t.from_start(k * options.start_step) for k in range(options.starts) for t in whole]
     clock["pair_tables_s"] = time.perf_counter() - start
     start = time.perf_counter()
     costs = measure_costs(networks, correct=options.config.correct)
@@ -354,6 +361,7 @@ def _write_outputs(
     report = {
         "clips": [{"clip": t.clip_id, "frames": t.frames, "scored": int(t.scored.sum())} for t in tables],
         "config": asdict(options.config),
+        "starts": {"count": options.starts, "step": options.start_step},
         "backend": networks.backend,
         "stage_ms": asdict(costs),
         "timings_s": {k: round(v, 2) for k, v in clock.items()},
