@@ -66,10 +66,13 @@ train-all: teacher-mediapipe ## reproduce models/weights from scratch (about 3 h
 	done
 	$(BIN)/facestream train ship --runs $(RUNS) --out models/weights --etas "$$(echo $(ETAS) | tr ' ' ,)"
 
-evaluate-shipped: ## the set-C evaluation of the shipped weights -> docs/evaluation (figures, results.json)
+SHIPPED_POLICIES = --policy models/weights/policy.safetensors $(foreach eta,$(filter-out 0.04,$(ETAS)),--policy models/weights/policy-eta$(eta).safetensors)
+
+evaluate-shipped: ## the set-C evaluation of the shipped weights -> docs/evaluation, and from 8 start frames -> docs/evaluation-starts
 	$(BIN)/facestream evaluate --manifest default --set C --schedulers all --sweep --out docs/evaluation \
-		--policy models/weights/policy.safetensors $(foreach eta,$(filter-out 0.04,$(ETAS)),--policy models/weights/policy-eta$(eta).safetensors) \
-		--cache $(RUNS)/pairs-C-full --threads 2
+		$(SHIPPED_POLICIES) --cache $(RUNS)/pairs-C-full --threads 2
+	$(BIN)/facestream evaluate --manifest default --set C --schedulers all --sweep --out docs/evaluation-starts \
+		$(SHIPPED_POLICIES) --cache $(RUNS)/pairs-C-full --threads 2 --starts 8 --start-step 8
 
 lint:
 	$(BIN)/ruff check .
