@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -33,7 +34,9 @@ from facestream.training.evaluation import (
     build_pair_table,
     cached_pair_table,
     confusions,
+    dvsnet_scores,
     miou,
+    once_per_source,
     oracle_walk,
     per_class_iou,
     replay,
@@ -406,6 +409,34 @@ def test_table_from_a_later_start_keys_and_scores_only_from_there(table: PairTab
     assert table.from_start(0) is table
     with pytest.raises(ValueError, match="offset"):
         table.from_start(-1)
+
+
+def test_tables_from_later_starts_share_one_run_of_the_networks(
+    table: PairTable, nets: Networks, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """DVSNet scores and policy logits are computed once per clip, not once per start, and are
+    what each start's own computation gives on its pairs."""
+    late = table.from_start(2)
+    calls: list[str] = []
+
+    def count(t: PairTable) -> np.ndarray:
+        calls.append(t.clip_id)
+        return np.where(t.valid, 1.0, 0.0)
+
+    shared = once_per_source([late, table, table.from_start(4)], count)
+    assert calls == ["fake"] and shared["fake+2"] is shared["fake"] and shared["fake+4"] is shared["fake"]
+    other = replace(table, clip_id="other", conv6=table.conv6.copy())
+    assert once_per_source([table, other], count).keys() == {"fake", "other"}
+    assert calls[1:] == ["fake", "other"]
+    odd = replace(table, clip_id="odd", valid=np.zeros_like(table.valid))  # same arrays, ...
+    odd.valid[9, 0] = True  # ... but a pair the clip's table lacks: computed on its own
+    assert once_per_source([table, odd], count)["odd"][9, 0] == 1.0 and calls[3:] == ["fake", "odd"]
+    scores = dvsnet_scores(nets, [table, late])
+    alone = dvsnet_scores(nets, [late])["fake+2"]
+    assert scores["fake+2"] is scores["fake"]
+    assert np.allclose(scores["fake+2"][late.valid], alone[late.valid], atol=1e-6)
+    policy = PolicyReplay(random_weights(tmp_path_factory, input_size=SIZE).paths["policy"], [table, late])
+    assert policy.base["fake+2"] is policy.base["fake"]
 
 
 def test_subsampled_table_is_the_clip_played_faster(table: PairTable) -> None:

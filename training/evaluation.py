@@ -192,8 +192,7 @@ class PairTable:
             scored[start : min(start + offset, stop)] = False
             first[start:stop] = start + offset
         gaps = np.arange(self.max_gap + 1)
-        keys_after_start = np.arange(self.frames)[:, None] - gaps[None, :] >= first[:, None]
-        valid = self.valid & scored[:, None] & keys_after_start
+        valid = self.valid & (np.arange(self.frames)[:, None] - gaps[None, :] >= first[:, None])
         return PairTable(
             f"{self.clip_id}+{offset}",
             scored,
@@ -451,7 +450,7 @@ class PolicyReplay:
         if self._relative:  # FC3 sees (cue - mean) * scale, so a raw cue's weight is w * scale
             scale = policy.cue_scale.double().numpy()[self._relative]
             self._w_relative = policy.cue_weights().double().numpy()[self._relative] * scale
-        self.base = {t.clip_id: self._base(policy, t) for t in tables}
+        self.base = once_per_source(tables, lambda t: self._base(policy, t))
 
     @torch.inference_mode()
     def _base(self, policy: KeyPolicy, table: PairTable) -> np.ndarray:
@@ -686,12 +685,35 @@ def measure_costs(networks: Networks, repeats: int = 15, *, correct: bool = Fals
 
 def dvsnet_scores(networks: Networks, tables: Sequence[PairTable]) -> dict[str, np.ndarray]:
     """DVSNet's predicted score for every computed pair, per clip."""
-    scores = {}
-    for table in tables:
+
+    def scores(table: PairTable) -> np.ndarray:
         values = np.ones(table.valid.shape, dtype=np.float32)
         index = np.nonzero(table.valid[:, 1:])
         conv6 = table.conv6[:, 1:][index].astype(np.float32)
         out = [networks.dvsnet_score(conv6[s : s + 256]) for s in range(0, len(conv6), 256)]
         values[index[0], index[1] + 1] = np.concatenate(out) if out else []
-        scores[table.clip_id] = values
-    return scores
+        return values
+
+    return once_per_source(tables, scores)
+
+
+def once_per_source(
+    tables: Sequence[PairTable], compute: Callable[[PairTable], np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``compute`` per clip id, run once per set of tables that share their pair arrays (the
+    :meth:`PairTable.from_start` tables of one clip): on the one with the most pairs, when its
+    pairs include every other's; the others get the same array, indexed like theirs."""
+    groups: dict[int, list[PairTable]] = {}
+    for table in tables:
+        groups.setdefault(id(table.conv6), []).append(table)
+    out: dict[str, np.ndarray] = {}
+    for group in groups.values():
+        full = max(group, key=lambda t: int(t.valid.sum()))
+        shared = None
+        for table in group:
+            if table is not full and not np.all(full.valid[table.valid]):
+                out[table.clip_id] = compute(table)
+                continue
+            shared = compute(full) if shared is None else shared
+            out[table.clip_id] = shared
+    return out
