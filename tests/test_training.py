@@ -231,24 +231,56 @@ def test_rollouts_respect_the_key_budget() -> None:
     assert (returns >= 0).all()
 
 
+@pytest.mark.parametrize("key_cost", [0.0, 0.1])
 @pytest.mark.parametrize("bias", [(-3.0, 3.0), (3.0, -3.0)])
-def test_frame_reward_pays_every_frame_its_miou(bias: tuple[float, float]) -> None:
-    """reward="frame": a key earns the frame's own mIoU, a non-key the warped mIoU at its gap."""
-    tables = _tables()
+def test_frame_reward_pays_every_frame_its_miou(bias: tuple[float, float], key_cost: float) -> None:
+    """reward="frame": a key earns the frame's own mIoU less the key cost, a non-key the warped mIoU
+    at its gap; a key forced by the longest gap earns and pays the same, credited to the decision
+    before it."""
+    tables = _tables(gaps=12)
     config = PolicyTrainConfig(
-        eta=0.9, trials=4, batch_episodes=2, episode_len=50, reward="frame", reward_scale=1
+        eta=1.0,
+        trials=4,
+        batch_episodes=2,
+        episode_len=50,
+        reward="frame",
+        reward_scale=1,
+        key_cost=key_cost,
     )
     policy = KeyPolicy(policy_config_for(tables, config.window))
     with torch.no_grad():
         policy.fc3.bias[:] = torch.tensor(bias)
         policy.fc3.weight.zero_()
     trainer = PolicyTrainer(config, tables, policy)
-    roll, returns, _ = trainer.rollout([trainer.sample_episode() for _ in range(2)])
+    roll, returns, steps = trainer.rollout([trainer.sample_episode() for _ in range(2)])
     u = [t.frame_miou() for t in tables]
-    for (table, frame, gap), action, reward in zip(roll.pair, roll.action, roll.reward, strict=True):
-        assert reward == pytest.approx(u[table][frame, 0 if action else gap])
+    forced_credit = np.zeros(len(roll.action))
+    forced_total = 0
+    for j in range(len(steps)):
+        mine = [m for m, trial in enumerate(roll.trial) if trial == j]
+        table, frame, _ = roll.pair[mine[0]]
+        start = frame - roll.step[mine[0]]
+        decided = {roll.step[m] for m in mine}
+        for t in range(1, int(steps[j])):
+            if t not in decided:  # forced: credited to the trajectory's latest decision
+                before = max(m for m in mine if roll.step[m] < t)
+                forced_credit[before] += u[table][start + t, 0] - key_cost
+                forced_total += 1
+    for m, ((table, frame, gap), action) in enumerate(zip(roll.pair, roll.action, strict=True)):
+        own = u[table][frame, 0] - key_cost if action else u[table][frame, gap]
+        assert roll.reward[m] == pytest.approx(own + forced_credit[m])
     assert np.bincount(roll.trial, weights=roll.reward) == pytest.approx(returns)
     assert np.mean(roll.action) > 0.9 if bias[1] > 0 else np.mean(roll.action) < 0.1
+    assert forced_total == 0 if bias[1] > 0 else forced_total > 0  # never keying: gap 12 forces
+
+
+def test_key_cost_needs_the_frame_reward() -> None:
+    with pytest.raises(ValueError, match="frame"):
+        PolicyTrainConfig(key_cost=0.1)
+    with pytest.raises(ValueError, match="key_cost"):
+        PolicyTrainConfig(reward="frame", key_cost=-1)
+    with pytest.raises(ValueError, match="eta"):
+        PolicyTrainConfig(eta=1.5)
 
 
 def test_rmsprop_starts_like_tensorflow() -> None:

@@ -410,7 +410,16 @@ def _policy(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], i
     _common(p, "runs/policy")
     _tables_arguments(p)
     p.add_argument(
-        "--eta", type=float, default=d.eta, help="key budget: KAR limit of an episode (default 0.04)"
+        "--eta",
+        type=float,
+        default=d.eta,
+        help="key budget: KAR limit of an episode (default 0.04; 1: no limit, with --key-cost)",
+    )
+    p.add_argument(
+        "--key-cost",
+        type=float,
+        default=d.key_cost,
+        help="mIoU each key costs, with --reward frame (a Lagrangian key budget; default 0: none)",
     )
     p.add_argument("--episodes", type=int, default=d.episodes)
     p.add_argument("--trials", type=int, default=d.trials, help="K trials per episode")
@@ -483,6 +492,7 @@ def _policy(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], i
             lr=args.lr,
             reward=args.reward,
             reward_scale=args.reward_scale,
+            key_cost=args.key_cost,
             advantage_norm=args.advantage_norm,
             rmsprop_init=1.0 if args.tf_rmsprop else 0.0,
             rmsprop_alpha=0.9 if args.tf_rmsprop else 0.99,

@@ -71,6 +71,12 @@ class PolicyTrainConfig:
     window: int = 90
     reward: str = "eq1"
     reward_scale: float = 10.0  # reward units per mIoU (chosen on set B among 1, 10, 100)
+    # Every key costs this much mIoU (times reward_scale), the Lagrange multiplier of the key
+    # budget instead of (or next to) the KAR stop limit; with ``eta = 1`` the limit never stops an
+    # episode. Needs ``reward="frame"``, whose frames earn their own mIoU: a key then pays off only
+    # through the frames after it. Keys forced by the longest gap earn their frame and pay too
+    # (credited to the trajectory's previous decision), so waiting for a free key does not pay.
+    key_cost: float = 0.0
     grad_decisions: int = 4096  # decisions sampled (uniformly, rescaled) for each gradient step
     advantage_norm: bool = False  # divide the advantages by their std (keeps lambda1 in proportion)
     # RMSProp's mean-square accumulator starts at this value. TensorFlow's RMSProp (the paper's
@@ -101,8 +107,12 @@ class PolicyTrainConfig:
     def __post_init__(self) -> None:
         if self.reward not in REWARDS:
             raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
-        if not 0 < self.eta < 1:
-            raise ValueError(f"eta is a key-all ratio in (0, 1), got {self.eta}")
+        if not 0 < self.eta <= 1:
+            raise ValueError(f"eta is a key-all ratio in (0, 1] (1: no limit), got {self.eta}")
+        if self.key_cost < 0:
+            raise ValueError(f"key_cost must be >= 0, got {self.key_cost}")
+        if self.key_cost and self.reward != "frame":
+            raise ValueError("key_cost needs reward='frame' (a key's value is in the frames after it)")
         object.__setattr__(self, "cues", check_cues(self.cues))
         if self.quality and not self.init_trunk:
             raise ValueError("quality needs init_trunk: the branch is copied from a trained DVSNet head")
@@ -124,7 +134,9 @@ class _Table:
     residual: np.ndarray  # (T, G+1, 2) float32
 
 
-def _prepare(tables: Sequence[PairTable], reward: str, scale: float = 1.0) -> list[_Table]:
+def _prepare(
+    tables: Sequence[PairTable], reward: str, scale: float = 1.0, key_cost: float = 0.0
+) -> list[_Table]:
     prepared = []
     for t in tables:
         skip = np.zeros(t.valid.shape)
@@ -144,7 +156,7 @@ def _prepare(tables: Sequence[PairTable], reward: str, scale: float = 1.0) -> li
             _Table(
                 torch.from_numpy(t.conv6),
                 t.valid,
-                (gain * scale).astype(np.float64),
+                ((gain - key_cost) * scale).astype(np.float64),
                 (skip * scale).astype(np.float64),
                 runs,
                 t.magnitude,
@@ -172,7 +184,7 @@ class _Rollout:
 class PolicyTrainer:
     def __init__(self, config: PolicyTrainConfig, tables: Sequence[PairTable], policy: KeyPolicy) -> None:
         self.config, self.policy = config, policy
-        self.tables = _prepare(tables, config.reward, config.reward_scale)
+        self.tables = _prepare(tables, config.reward, config.reward_scale, config.key_cost)
         lengths = np.array([sum(b - a for a, b in t.runs) for t in self.tables], dtype=np.float64)
         self.table_weights = lengths / lengths.sum()
         self.rng = np.random.default_rng(config.seed)
@@ -216,6 +228,7 @@ class PolicyTrainer:
         alive = np.ones(n, dtype=bool)
         returns = np.zeros(n)
         steps = np.ones(n, dtype=np.int64)
+        last_decision = np.full(n, -1)  # each trajectory's latest entry in ``out``
         out = _Rollout()
         for t in range(1, int(length_of.max())):
             alive &= t < length_of
@@ -229,6 +242,12 @@ class PolicyTrainer:
             decide = idx[~over_gap]
             keys = np.zeros(n, dtype=bool)
             keys[forced] = True
+            if c.reward == "frame":  # a forced key's frame earns and pays like a chosen one
+                for j in forced:
+                    if last_decision[j] >= 0:
+                        gain = float(self.tables[table_of[j]].key_reward[frame[j], 1])
+                        out.reward[last_decision[j]] += gain
+                        returns[j] += gain
             if len(decide):
                 kar = history[decide].sum(axis=1) / np.minimum(filled[decide], c.window)
                 lkd = np.minimum(gap[decide], c.window) / c.window
@@ -259,6 +278,7 @@ class PolicyTrainer:
                     out.expert.append(tuple(float(v) for v in expert[m]))
                     out.action.append(int(action[m]))
                     out.reward.append(float(gain))
+                    last_decision[j] = len(out.reward) - 1
             slot = head[idx] % c.window
             history[idx, slot] = keys[idx]
             policy_keys[idx, slot] = keys[idx]
