@@ -242,7 +242,9 @@ class PolicyTrainer:
             decide = idx[~over_gap]
             keys = np.zeros(n, dtype=bool)
             keys[forced] = True
-            if c.reward == "frame":  # a forced key's frame earns and pays like a chosen one
+            # a forced key's frame earns and pays like a chosen one (under the frame reward a key
+            # earns the same at every gap; column 0 is the episode's first frame, no decision)
+            if c.reward == "frame":
                 for j in forced:
                     if last_decision[j] >= 0:
                         gain = float(self.tables[table_of[j]].key_reward[frame[j], 1])
