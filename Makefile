@@ -9,7 +9,7 @@ MEDIAPIPE_VENV ?= .venv-mediapipe
 RUNS ?= runs
 ETAS ?= 0.04 0.06 0.14
 
-.PHONY: install run segment test test-integration test-all bench bench-service lint format clean teacher-mediapipe train-all evaluate-shipped bench-gpu
+.PHONY: install run segment test test-integration test-all bench bench-service lint format clean teacher-mediapipe train-all evaluate-shipped crossval-B bench-gpu
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,21 @@ evaluate-shipped: ## the set-C evaluation of the shipped weights -> docs/evaluat
 		$(SHIPPED_POLICIES) --cache $(RUNS)/pairs-C-full --threads 2
 	$(BIN)/facestream evaluate --manifest default --set C --schedulers all --sweep --out docs/evaluation-starts \
 		$(SHIPPED_POLICIES) --cache $(RUNS)/pairs-C-full --threads 2 --starts 8 --start-step 8
+
+CV = $(RUNS)/cv
+CV_POLICY = --episodes 4800 --freeze-trunk --cues residual_face,residual_parts --reverse --no-correct --threads 2
+
+crossval-B: ## leave-one-person-out CV of the schedulers on set B (DVSNet head + eta policies per fold; about 2 h) -> docs/evaluation-cv
+	$(BIN)/facestream crossval manifests --set B --runs $(CV)
+	for m in $(CV)/m-*.json; do \
+		k=$$(basename $$m .json); k=$${k#m-}; \
+		$(BIN)/facestream train dvsnet --manifest $$m --weights models/weights --out $(CV)/$$k/dvsnet --threads 2 --no-correct || exit 1; \
+		for eta in $(ETAS); do \
+			$(BIN)/facestream train policy --manifest $$m --weights models/weights --eta $$eta \
+				--init-trunk $(CV)/$$k/dvsnet/dvsnet.safetensors $(CV_POLICY) --out $(CV)/$$k/eta$$eta || exit 1; \
+		done; \
+	done
+	$(BIN)/facestream crossval evaluate --runs $(CV) --cache $(RUNS)/pairs-cv --out docs/evaluation-cv
 
 lint:
 	$(BIN)/ruff check .

@@ -191,6 +191,28 @@ def plot_curves(rows: Sequence[Row], path: str | Path, metric: str = "miou") -> 
     return _save(figure, path)
 
 
+def plot_fronts(
+    fronts: Mapping[str, Sequence[tuple[float, float]]], per_frame: float | None, path: str | Path, title: str
+) -> Path:
+    """Each scheduler's best (AKI, mIoU %) curve (log AKI), per-frame N as a dotted line."""
+    figure, ax = plt.subplots(figsize=(7.5, 5), layout="constrained")
+    styles = _styles(fronts)
+    for label, points in fronts.items():
+        if points:
+            xs, ys = zip(*points, strict=True)
+            style = styles[label]
+            ax.plot(xs, ys, marker=style["marker"], color=style["color"], markersize=4, label=_display(label))
+    if per_frame is not None:
+        ax.axhline(per_frame, color=SPECIAL_COLORS[PER_FRAME], linestyle=":", label=_display(PER_FRAME))
+    _log_axis(ax)
+    ax.set_xlabel("average key interval, AKI (frames per key, log scale)")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
+    _legend(ax, fontsize=8)
+    return _save(figure, path)
+
+
 def _log_axis(ax: Axes) -> None:
     """Log x with plain-number ticks at 1, 2, 5 per decade (no 2×10⁰ labels)."""
     ax.set_xscale("log")

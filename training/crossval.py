@@ -1,0 +1,271 @@
+"""Leave-one-subject-out cross-validation of the key schedulers on one set (``facestream crossval``).
+
+Set C has three people. To see how the schedulers trained on set B do on people they never saw
+without touching C, each *fold* holds one subject of B out: its DVSNet head and policies learn
+from the other subjects (``facestream train dvsnet|policy --manifest FOLD.json``), and are scored
+on the held-out clip only. ``crossval evaluate`` replays every fold's schedulers on its held-out
+clip and pools the folds per setting (confusion matrices summed), so each setting is one
+operating point over all held-out frames, as ``facestream evaluate`` pools the clips of a set:
+
+* fixed n and RL tau are the same knob in every fold (RL: one curve per policy folder name);
+* flow and DVSNet thresholds are quantiles of their values pooled over all held-out clips (DVSNet:
+  each fold's head scores its own held-out clip), one absolute threshold for every fold.
+
+Folder layout of ``--runs``: ``m-<subject>.json`` (from ``crossval manifests``) and, per subject,
+``<subject>/dvsnet/dvsnet.safetensors`` and ``<subject>/<name>/policy.safetensors`` per policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from facestream.engines.backends import create_networks
+from facestream.engines.dis_flow import DEFAULT_FLOW
+from facestream.engines.networks import Networks
+from facestream.engines.schedulers import make_scheduler
+from facestream.engines.weights import FILES, WeightsError, find_weights
+from facestream.training import figures
+from facestream.training.evaluation import (
+    FIXED_GRID,
+    NUM_CLASSES,
+    QUANTILES,
+    TAU_GRID,
+    EvalConfig,
+    PairTable,
+    PolicyReplay,
+    cached_pair_table,
+    dvsnet_scores,
+    miou,
+    pair_fingerprint,
+    replay,
+)
+from facestream.training.manifest import Manifest, ManifestError, load_manifest, open_clips
+from facestream.training.sweep import COMPARE_AKI, at_aki, best_front
+
+HELD_OUT = "C"  # the set a fold manifest puts its held-out subject in
+UNUSED = "A"  # where a fold manifest puts every entry outside the cross-validated set
+THRESHOLDED = ("flow", "dvsnet")
+
+
+def fold_manifests(manifest: Manifest, subset: str = "B") -> dict[str, Manifest]:
+    """Per subject of ``subset``: a manifest whose set B holds the other subjects of ``subset``
+    and whose set C holds that subject (every other entry goes to set A, which the schedulers'
+    training and evaluation do not read)."""
+    subjects = sorted({e.subject for e in manifest.videos(subset)})
+    if len(subjects) < 2:
+        raise ManifestError(f"set {subset} needs at least 2 subjects to cross-validate, has {len(subjects)}")
+    folds = {}
+    for held in subjects:
+        entries = tuple(
+            replace(e, set=(HELD_OUT if e.subject == held else "B") if e.set == subset else UNUSED)
+            for e in manifest.entries
+        )
+        folds[held] = Manifest(f"{manifest.name}-cv-{held}", manifest.teacher, entries, manifest.root)
+    return folds
+
+
+@dataclass
+class Tally:
+    """One setting's result summed over folds."""
+
+    confusion: np.ndarray
+    keys: int = 0
+    frames: int = 0
+
+    def add(self, confusion: np.ndarray, keys: int, frames: int) -> None:
+        self.confusion = self.confusion + confusion
+        self.keys += keys
+        self.frames += frames
+
+
+def pool(per_fold: Sequence[dict[str, tuple[np.ndarray, int, int]]]) -> list[dict[str, Any]]:
+    """Rows ``{"scheduler", "setting", "aki", "miou"}`` (mIoU in %) of the settings every fold
+    ran, each fold's (confusion, keys, frames) summed; the scheduler is the setting's first
+    ``/`` part."""
+    common = set(per_fold[0]).intersection(*per_fold[1:]) if per_fold else set()
+    tallies: dict[str, Tally] = {}
+    for fold in per_fold:
+        for name in common:
+            tallies.setdefault(name, Tally(np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64))).add(*fold[name])
+    return [
+        {
+            "scheduler": name.split("/")[0],
+            "setting": name,
+            "aki": t.frames / t.keys,
+            "miou": 100.0 * float(miou(t.confusion)),
+        }
+        for name, t in sorted(tallies.items())
+        if t.keys
+    ]
+
+
+def pooled_thresholds(values: Sequence[np.ndarray], clip: bool) -> list[float]:
+    """The threshold grid over the values of every fold together (QUANTILES), as ``evaluate``'s."""
+    grid = np.quantile(np.concatenate(values), QUANTILES)
+    return [float(v) for v in (np.clip(grid, 0.0, 1.0) if clip else grid)]
+
+
+@dataclass
+class Fold:
+    subject: str
+    networks: Networks
+    tables: list[PairTable]
+    dvsnet: dict[str, np.ndarray]
+    policies: dict[str, Path]
+
+    def values(self, name: str) -> np.ndarray:
+        source = {t.clip_id: t.magnitude for t in self.tables} if name == "flow" else self.dvsnet
+        return np.concatenate([source[t.clip_id][:, 1:][t.valid[:, 1:]] for t in self.tables])
+
+
+def load_fold(
+    runs: Path, subject: str, weights_dir: Path | None, cache: Path, starts: int, start_step: int
+) -> Fold:
+    """The held-out clip's tables (from ``cache``, built there if missing) and the fold's networks:
+    N, F and the corrector from ``weights_dir``, the DVSNet head from the fold's run folder."""
+    folder = runs / subject
+    head = folder / "dvsnet" / FILES["dvsnet"]
+    if not head.is_file():
+        raise WeightsError(f"fold {subject} has no DVSNet head at {head}")
+    shipped = find_weights(weights_dir)
+    weights = replace(shipped, paths={**shipped.paths, "dvsnet": head})
+    networks = create_networks(weights, "onnxruntime", threads=2, flow=DEFAULT_FLOW, conv6=True)
+    config = EvalConfig(correct=True)
+    clips = open_clips(load_manifest(runs / f"m-{subject}.json"), HELD_OUT)
+    whole = [
+        cached_pair_table(c, networks, pair_fingerprint(weights, config), config, cache, False) for c in clips
+    ]
+    tables = [t.from_start(k * start_step) for k in range(starts) for t in whole]
+    policies = {p.parent.name: p for p in sorted(folder.glob(f"*/{FILES['policy']}"))}
+    return Fold(subject, networks, tables, dvsnet_scores(networks, tables), policies)
+
+
+def fold_settings(fold: Fold, thresholds: dict[str, list[float]]) -> dict[str, tuple[np.ndarray, int, int]]:
+    """Every setting replayed on the fold's held-out clip: (confusion, keys, frames) by name."""
+    jobs: list[tuple[str, str, float | None, PolicyReplay | None]] = [("always", "always", None, None)]
+    jobs += [("fixed", f"fixed/{n}", float(n), None) for n in FIXED_GRID]
+    jobs += [
+        (name, f"{name}/q{q:g}", v, None)
+        for name in THRESHOLDED
+        for q, v in zip(QUANTILES, thresholds[name], strict=True)
+    ]
+    for label, path in fold.policies.items():
+        policy = PolicyReplay(path, fold.tables)
+        jobs += [("rl", f"rl-{label}/tau{t:g}", float(t), policy) for t in TAU_GRID]
+    out = {}
+    for name, setting, knob, policy in jobs:
+        walk = replay(
+            make_scheduler(name, knob), fold.tables, fold.networks, policy=policy, dvsnet=fold.dvsnet
+        )
+        out[setting] = (walk.confusion, walk.keys, walk.frames)
+    return out
+
+
+def summarise(rows: Sequence[dict[str, Any]], groups: dict[str, Sequence[str]]) -> dict[str, Any]:
+    """Per scheduler (a group of row schedulers pooled into one front) its mIoU at COMPARE_AKI."""
+    out: dict[str, Any] = {}
+    for name, members in groups.items():
+        merged = [{**r, "scheduler": name} for r in rows if r["scheduler"] in members]
+        out[name] = {f"{aki:g}": at_aki(merged, name, aki) for aki in COMPARE_AKI}
+    out["per_frame"] = next((r["miou"] for r in rows if r["scheduler"] == "always"), None)
+    return out
+
+
+def evaluate_folds(
+    runs: Path,
+    weights_dir: Path | None,
+    cache: Path,
+    starts: int,
+    start_step: int,
+    rl_names: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Pooled held-out results of every fold in ``runs``; the ``rl`` front is the policies named
+    ``rl_names`` (folder names; default all), each policy also has its own (``rl-<name>``)."""
+    subjects = sorted(p.name[2:-5] for p in runs.glob("m-*.json"))
+    if not subjects:
+        raise ManifestError(f"no fold manifests m-*.json in {runs} (run facestream crossval manifests)")
+    folds = [load_fold(runs, s, weights_dir, cache, starts, start_step) for s in tqdm(subjects, desc="folds")]
+    thresholds = {n: pooled_thresholds([f.values(n) for f in folds], clip=n == "dvsnet") for n in THRESHOLDED}
+    per_fold = [fold_settings(f, thresholds) for f in tqdm(folds, desc="replay")]
+    rows = pool(per_fold)
+    policy_groups = sorted({r["scheduler"] for r in rows if r["scheduler"].startswith("rl-")})
+    groups: dict[str, Sequence[str]] = {n: (n,) for n in ("fixed", *THRESHOLDED)}
+    rl = [g for g in policy_groups if not rl_names or g[3:] in rl_names]
+    if rl_names and len(rl) != len(rl_names):
+        raise ValueError(f"--rl names {', '.join(rl_names)}; the folds have {', '.join(policy_groups)}")
+    groups["rl"] = tuple(rl)
+    groups.update({g: (g,) for g in policy_groups})
+    summary = summarise(rows, groups)
+    fronts = {
+        n: best_front([{**r, "scheduler": n} for r in rows if r["scheduler"] in m], n)
+        for n, m in groups.items()
+    }
+    by_fold = {f.subject: summarise(pool([s]), groups) for f, s in zip(folds, per_fold, strict=True)}
+    return {"subjects": subjects, "starts": starts, "start_step": start_step, "summary": summary,
+            "by_fold": by_fold, "fronts": fronts, "thresholds": thresholds, "rows": rows}  # fmt: skip
+
+
+def markdown(result: dict[str, Any]) -> str:
+    def pct(v: float | None) -> str:
+        return "—" if v is None else f"{v:.2f}"
+
+    akis = [f"{a:g}" for a in COMPARE_AKI]
+    lines = ["| scheduler | " + " | ".join(f"AKI {a}" for a in akis) + " |", "|---|" + "---:|" * len(akis)]
+    for name, values in result["summary"].items():
+        if name != "per_frame":
+            lines.append(f"| {name} | " + " | ".join(pct(values[a]) for a in akis) + " |")
+    lines.append(f"| per-frame N | {pct(result['summary']['per_frame'])} | | |")
+    return "\n".join(lines) + "\n"
+
+
+class CrossvalCommand:
+    name = "crossval"
+    help = "leave-one-subject-out cross-validation of the schedulers (fold manifests, pooled evaluation)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        sub = parser.add_subparsers(dest="action", required=True)
+        m = sub.add_parser("manifests", help="write one manifest per held-out subject: RUNS/m-<subject>.json")
+        m.add_argument("--manifest", default="default", help="manifest JSON or 'default' (../shared/data)")
+        m.add_argument("--set", default="B", help="the set to cross-validate (default B)")
+        m.add_argument("--runs", type=Path, default=Path("runs/cv"))
+        e = sub.add_parser("evaluate", help="replay every fold on its held-out clip and pool the folds")
+        e.add_argument("--runs", type=Path, default=Path("runs/cv"))
+        e.add_argument("--weights", type=Path, help="N, F and corrector (default: the shipped weights)")
+        e.add_argument("--cache", type=Path, default=Path("runs/pairs-cv"), help="pair-table cache")
+        e.add_argument("--starts", type=int, default=8)
+        e.add_argument("--start-step", type=int, default=8)
+        e.add_argument("--out", type=Path, default=Path("runs/cv/evaluation"))
+        e.add_argument("--rl", default="", help="policy folders that make the rl front (default: all)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        try:
+            if args.action == "manifests":
+                args.runs.mkdir(parents=True, exist_ok=True)
+                for subject, fold in fold_manifests(load_manifest(args.manifest), args.set).items():
+                    print(fold.save(args.runs / f"m-{subject}.json"))
+                return 0
+            names = [n for n in args.rl.split(",") if n]
+            result = evaluate_folds(args.runs, args.weights, args.cache, args.starts, args.start_step, names)
+        except (ManifestError, WeightsError, OSError, ValueError) as exc:
+            print(f"facestream crossval: error: {exc}", file=sys.stderr)
+            return 2
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "crossval.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.out / "crossval.md").write_text(markdown(result))
+        title = (
+            f"Held-out people, pooled over {len(result['subjects'])} folds ({result['starts']} starts each)"
+        )
+        figures.plot_fronts(
+            result["fronts"], result["summary"]["per_frame"], args.out / "crossval.png", title
+        )
+        print(markdown(result))
+        return 0
