@@ -49,7 +49,7 @@ from facestream.training.evaluation import (
     replay,
 )
 from facestream.training.manifest import Manifest, ManifestError, load_manifest, open_clips
-from facestream.training.sweep import COMPARE_AKI, at_aki, best_front
+from facestream.training.sweep import COMPARE_AKI, at_aki, best_front, cached_values
 
 HELD_OUT = "C"  # the set a fold manifest puts its held-out subject in
 UNUSED = "A"  # where a fold manifest puts every entry outside the cross-validated set
@@ -123,8 +123,7 @@ class Fold:
     policies: dict[str, Path]
 
     def values(self, name: str) -> np.ndarray:
-        source = {t.clip_id: t.magnitude for t in self.tables} if name == "flow" else self.dvsnet
-        return np.concatenate([source[t.clip_id][:, 1:][t.valid[:, 1:]] for t in self.tables])
+        return cached_values(name, self.tables, self.dvsnet)
 
 
 def load_fold(

@@ -86,12 +86,17 @@ def knob_grid(
         return [1.0 / n for n in FIXED_GRID]
     if name == "rl":
         return list(TAU_GRID)
-    source = {t.clip_id: t.magnitude for t in tables} if name == "flow" else dvsnet or {}
-    values = np.concatenate([source[t.clip_id][:, 1:][t.valid[:, 1:]] for t in tables])
+    values = cached_values(name, tables, dvsnet or {})
     if values.size == 0:
         return []
     grid = np.unique(np.round(np.quantile(values, QUANTILES), 4))
     return [float(v) for v in (grid if name == "flow" else np.clip(grid, 0.0, 1.0))]
+
+
+def cached_values(name: str, tables: Sequence[PairTable], dvsnet: dict[str, np.ndarray]) -> np.ndarray:
+    """Every computed pair's flow magnitude (``name`` "flow") or DVSNet score, all tables together."""
+    source = {t.clip_id: t.magnitude for t in tables} if name == "flow" else dvsnet
+    return np.concatenate([source[t.clip_id][:, 1:][t.valid[:, 1:]] for t in tables])
 
 
 def run_settings(
