@@ -109,7 +109,8 @@ def pool(per_fold: Sequence[dict[str, tuple[np.ndarray, int, int]]]) -> list[dic
 
 
 def pooled_thresholds(values: Sequence[np.ndarray], clip: bool) -> list[float]:
-    """The threshold grid over the values of every fold together (QUANTILES), as ``evaluate``'s."""
+    """The QUANTILES of every fold's values together: ``evaluate``'s grid over a set, without its
+    rounding and de-duplication, so that each quantile keeps a setting of its own."""
     grid = np.quantile(np.concatenate(values), QUANTILES)
     return [float(v) for v in (np.clip(grid, 0.0, 1.0) if clip else grid)]
 
@@ -169,11 +170,16 @@ def fold_settings(fold: Fold, thresholds: dict[str, list[float]]) -> dict[str, t
     return out
 
 
+def _merged(rows: Sequence[dict[str, Any]], name: str, members: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of ``members`` renamed ``name``: one front over all their settings."""
+    return [{**r, "scheduler": name} for r in rows if r["scheduler"] in members]
+
+
 def summarise(rows: Sequence[dict[str, Any]], groups: dict[str, Sequence[str]]) -> dict[str, Any]:
     """Per scheduler (a group of row schedulers pooled into one front) its mIoU at COMPARE_AKI."""
     out: dict[str, Any] = {}
     for name, members in groups.items():
-        merged = [{**r, "scheduler": name} for r in rows if r["scheduler"] in members]
+        merged = _merged(rows, name, members)
         out[name] = {f"{aki:g}": at_aki(merged, name, aki) for aki in COMPARE_AKI}
     out["per_frame"] = next((r["miou"] for r in rows if r["scheduler"] == "always"), None)
     return out
@@ -193,21 +199,20 @@ def evaluate_folds(
     if not subjects:
         raise ManifestError(f"no fold manifests m-*.json in {runs} (run facestream crossval manifests)")
     folds = [load_fold(runs, s, weights_dir, cache, starts, start_step) for s in tqdm(subjects, desc="folds")]
+    trained = sorted(set.intersection(*(set(f.policies) for f in folds)))
+    if any(n not in trained for n in rl_names):
+        raise ValueError(
+            f"--rl names {', '.join(rl_names)}; every fold has {', '.join(trained) or 'no policy'}"
+        )
     thresholds = {n: pooled_thresholds([f.values(n) for f in folds], clip=n == "dvsnet") for n in THRESHOLDED}
     per_fold = [fold_settings(f, thresholds) for f in tqdm(folds, desc="replay")]
     rows = pool(per_fold)
     policy_groups = sorted({r["scheduler"] for r in rows if r["scheduler"].startswith("rl-")})
     groups: dict[str, Sequence[str]] = {n: (n,) for n in ("fixed", *THRESHOLDED)}
-    rl = [g for g in policy_groups if not rl_names or g[3:] in rl_names]
-    if rl_names and len(rl) != len(rl_names):
-        raise ValueError(f"--rl names {', '.join(rl_names)}; the folds have {', '.join(policy_groups)}")
-    groups["rl"] = tuple(rl)
+    groups["rl"] = tuple(g for g in policy_groups if not rl_names or g[3:] in rl_names)
     groups.update({g: (g,) for g in policy_groups})
     summary = summarise(rows, groups)
-    fronts = {
-        n: best_front([{**r, "scheduler": n} for r in rows if r["scheduler"] in m], n)
-        for n, m in groups.items()
-    }
+    fronts = {n: best_front(_merged(rows, n, m), n) for n, m in groups.items()}
     by_fold = {f.subject: summarise(pool([s]), groups) for f, s in zip(folds, per_fold, strict=True)}
     return {"subjects": subjects, "starts": starts, "start_step": start_step, "summary": summary,
             "by_fold": by_fold, "fronts": fronts, "thresholds": thresholds, "rows": rows}  # fmt: skip
