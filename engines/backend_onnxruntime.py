@@ -63,6 +63,11 @@ class OrtNetworks(Networks):
     def flow(self, pairs: np.ndarray) -> FlowResult:
         return FlowResult(*self._run("flow", pair=pairs))
 
+    def conv6_features(self, pairs: np.ndarray) -> np.ndarray:
+        if "flow_conv6" not in self.sessions:  # graphs given by hand, without the encoder graph
+            return super().conv6_features(pairs)
+        return self._run("flow_conv6", pair=pairs)[0]
+
     def warp(self, features: np.ndarray, flow: np.ndarray, scale: np.ndarray) -> np.ndarray:
         return self._run("warp", features=features, flow=flow, scale=scale)[0]
 

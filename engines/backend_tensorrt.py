@@ -216,6 +216,11 @@ class TensorRTNetworks(Networks):
         out = self.engines["flow"].run(pair=pairs)
         return FlowResult(out["flow"], out["scale"], out["conv6"])
 
+    def conv6_features(self, pairs: np.ndarray) -> np.ndarray:
+        if "flow_conv6" not in self.engines:
+            return super().conv6_features(pairs)
+        return self.engines["flow_conv6"].run(pair=pairs)["conv6"]
+
     def warp(self, features: Array, flow: Array, scale: Array) -> np.ndarray:
         if self._kernel is None:
             return self.engines["warp"].run(features=features, flow=flow, scale=scale)["warped"]

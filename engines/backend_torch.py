@@ -73,6 +73,11 @@ class TorchNetworks(Networks):
             return FlowResult(self._out(out.flow), self._out(out.scale), self._out(out.conv6))
 
     @torch.inference_mode()
+    def conv6_features(self, pairs: np.ndarray) -> np.ndarray:
+        with self._autocast():
+            return self._out(self.flow_net.conv6_features(self._in(pairs)))
+
+    @torch.inference_mode()
     def warp(self, features: np.ndarray, flow: np.ndarray, scale: np.ndarray) -> np.ndarray:
         with self._autocast():
             return self._out(warp(self._in(features), self._in(flow), self._in(scale)))

@@ -67,6 +67,7 @@ STAGE_LABELS = {
     "key:mobilenet_v2": "N_feat MobileNet-V2",
     "key:resnet50": "N_feat ResNet-50",
     "flow": "FlowNet2-s",
+    "conv6": "F's Conv6 alone (rl/dvsnet beside DIS)",
     "warp": "warp",
     "correct": "warp corrector",
     "policy": "RL policy",
@@ -447,6 +448,7 @@ def _network_calls(
     expert[0, :2] = (1 / 30, 10 / 90)
     calls = {
         "flow": lambda: networks.flow(pair),
+        "conv6": lambda: networks.conv6_features(pair),
         "warp": lambda: networks.warp(features, flow.flow, flow.scale),
         "policy": lambda: networks.key_probability(flow.conv6, expert),
         "dvsnet": lambda: networks.dvsnet_score(flow.conv6),

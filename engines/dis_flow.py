@@ -30,8 +30,9 @@ DIS_PRESET = cv2.DISOPTICAL_FLOW_PRESET_MEDIUM
 
 def _grey(rgb: np.ndarray) -> np.ndarray:
     """(3, H, W) float RGB in [0, 1] -> (H, W) uint8 greyscale."""
-    image = np.clip(rgb.transpose(1, 2, 0) * 255.0 + 0.5, 0.0, 255.0).astype(np.uint8)
-    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    # Per contiguous plane, then interleaved by OpenCV: numpy's strided (H, W, 3) view is slow.
+    planes = [np.clip(plane * 255.0 + 0.5, 0.0, 255.0).astype(np.uint8) for plane in rgb]
+    return cv2.cvtColor(cv2.merge(planes), cv2.COLOR_RGB2GRAY)
 
 
 def create_dis() -> cv2.DISOpticalFlow:
@@ -97,6 +98,10 @@ class DisFlowNetworks(Networks):
     def features(self, images: np.ndarray) -> np.ndarray:
         return self.inner.features(images)
 
+    def conv6_features(self, pairs: np.ndarray) -> np.ndarray:
+        """F's Conv6 of (B, 6, S, S) pairs at DIS's size (area-resized to F's input)."""
+        return self.inner.conv6_features(_resized(pairs, self.flow_config.input_size))
+
     def task(self, features: np.ndarray) -> np.ndarray:
         return self.inner.task(features)
 
@@ -130,7 +135,7 @@ class DisFlowNetworks(Networks):
                 flow[b] = dis_flow(self._dis, current, key, grid)
         scale = np.ones((batch, config.scale_channels, grid, grid), np.float32)
         if self.conv6:
-            conv6 = self.inner.flow(_resized(pairs, config.input_size)).conv6
+            conv6 = self.conv6_features(pairs)  # F's encoder only
         else:
             side = config.conv6_size
             conv6 = np.zeros((batch, config.conv6_channels, side, side), np.float32)

@@ -8,6 +8,7 @@ file                       inputs                              outputs
 segmentation_features      image (B,3,S,S)                     features (B,C,S/4,S/4)
 segmentation_task          features                            scores (B,K,S/4,S/4)
 flow                       pair (B,6,Sf,Sf)                    flow, scale, conv6
+flow_conv6                 pair (B,6,Sf,Sf)                    conv6 (F's encoder alone)
 warp                       features, flow, scale               warped
 policy                     conv6, expert (B,2+cues)            key_probability (B,)
 dvsnet                     conv6                               score (B,)
@@ -33,7 +34,8 @@ from facestream.engines.weights import WeightSet
 from facestream.models import warp
 
 OPSET = 17
-EXPORT_FORMAT = "facestream-onnx-3"  # 2: the corrector guard's margin; 3: eyes may grow in it
+# 2: the corrector guard's margin; 3: eyes may grow in it; 4: F's encoder alone (flow_conv6)
+EXPORT_FORMAT = "facestream-onnx-4"
 
 
 class _Features(nn.Module):
@@ -55,6 +57,11 @@ class _Task(_Features):
 class _Flow(_Features):
     def forward(self, pair: torch.Tensor):
         return tuple(self.net(pair))
+
+
+class _Conv6(_Features):
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        return self.net.conv6_features(pair)
 
 
 class _Warp(nn.Module):
@@ -87,6 +94,7 @@ def graph_specs(weights: WeightSet) -> list[GraphSpec]:
         GraphSpec("segmentation_features", _Features(seg), {"image": (1, 3, s, s)}, ("features",)),
         GraphSpec("segmentation_task", _Task(seg), {"features": grid}, ("scores",)),
         GraphSpec("flow", _Flow(flow), {"pair": (1, 6, fs, fs)}, ("flow", "scale", "conv6")),
+        GraphSpec("flow_conv6", _Conv6(flow), {"pair": (1, 6, fs, fs)}, ("conv6",)),
         GraphSpec(
             "warp",
             _Warp(),

@@ -68,36 +68,49 @@ def crop_square(frame: np.ndarray, box: Box, size: int, *, nearest: bool = False
     return cv2.warpAffine(frame, matrix, (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT)
 
 
+def plane_argmax(planes: list[np.ndarray]) -> np.ndarray:
+    """``np.argmax(np.stack(planes), axis=0)`` as uint8 (the first maximum wins) for up to 256
+    same-shape float32 planes, by OpenCV's vectorised compare, masked copy and max: several times
+    faster than numpy's argmax over a short axis."""
+    best = planes[0].copy()
+    index = np.zeros(best.shape, np.uint8)
+    label = np.empty_like(index)
+    for k, plane in enumerate(planes[1:], start=1):
+        label.fill(k)
+        cv2.copyTo(label, cv2.compare(plane, best, cv2.CMP_GT), index)  # strictly greater only
+        cv2.max(best, plane, dst=best)
+    return index
+
+
+PASTE_MARGIN = 2  # label pixels replicated around the resampled box (covers the rounding)
+
+
 def paste_scores(scores: np.ndarray, box: Box, frame_hw: tuple[int, int]) -> np.ndarray:
     """N_task's resampling and argmax: class scores (K, h, w) over the square ``box`` ->
-    a full-frame (H, W) uint8 mask of class ids, background outside the box."""
+    a full-frame (H, W) uint8 mask of class ids, background outside the box.
+
+    The scores are resampled bilinearly (pixel centres, align_corners=False, edges replicated) at
+    exactly the box's scale, by OpenCV's resize (a tenth of the cost of an affine warp), onto
+    frame pixels counted from the box's corner rounded to the nearest pixel: the mask lies at most
+    half a pixel from where the fractional box would put it.
+    """
     height, width = frame_hw
     mask = np.zeros((height, width), dtype=np.uint8)
     x0, y0 = max(int(np.floor(box.x0)), 0), max(int(np.floor(box.y0)), 0)
     x1, y1 = min(int(np.ceil(box.x1)), width), min(int(np.ceil(box.y1)), height)
-    if x1 <= x0 or y1 <= y0:
+    if x1 <= x0 or y1 <= y0 or box.width < 1 or box.height < 1:
         return mask
-    k, h, w = scores.shape
-    # Affine map from frame pixels (x0..x1) onto the score grid (pixel centres, align_corners=False).
-    sx, sy = w / box.width, h / box.height
-    matrix = np.array(
-        [
-            [sx, 0.0, (x0 - box.x0) * sx + 0.5 * sx - 0.5],
-            [0.0, sy, (y0 - box.y0) * sy + 0.5 * sy - 0.5],
-        ],
-        dtype=np.float64,
-    )
-    planes = np.ascontiguousarray(scores.transpose(1, 2, 0), dtype=np.float32)
-    resampled = cv2.warpAffine(
-        planes,
-        matrix,
-        (x1 - x0, y1 - y0),
-        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_REPLICATE,
-    )
-    if resampled.ndim == 2:  # a single channel comes back squeezed
-        resampled = resampled[..., None]
-    mask[y0:y1, x0:x1] = resampled.argmax(axis=2).astype(np.uint8)
+    _, h, w = scores.shape
+    # With fx/fy (no dsize) OpenCV maps output pixel i to grid coordinate (i + 0.5) / fx - 0.5.
+    fx, fy = box.width / w, box.height / h
+    resampled = [
+        cv2.resize(plane, None, fx=fx, fy=fy, interpolation=cv2.INTER_LINEAR)
+        for plane in np.ascontiguousarray(scores, dtype=np.float32)
+    ]
+    m = PASTE_MARGIN
+    labels = cv2.copyMakeBorder(plane_argmax(resampled), m, m, m, m, cv2.BORDER_REPLICATE)
+    left, top = round(box.x0) - m, round(box.y0) - m  # frame position of labels[0, 0]
+    mask[y0:y1, x0:x1] = labels[y0 - top : y1 - top, x0 - left : x1 - left]
     return mask
 
 

@@ -95,6 +95,12 @@ class Networks(ABC):
         """F: (B, 6, Sf, Sf) = [current, key] RGB in [0, 1], Sf = :attr:`flow_input_size`
         -> flow, scale, Conv6."""
 
+    def conv6_features(self, pairs: np.ndarray) -> np.ndarray:
+        """F's Conv6 features alone, (B, C6, s6, s6), for when another method supplies the flow:
+        the same values as ``flow(pairs).conv6``; backends with an encoder-only graph skip F's
+        flow decoder (about half of F)."""
+        return self.flow(pairs).conv6
+
     @abstractmethod
     def warp(self, features: np.ndarray, flow: np.ndarray, scale: np.ndarray) -> np.ndarray:
         """W(f_k, M, S) at the feature grid."""

@@ -104,8 +104,9 @@ def resized_chw(image: np.ndarray, size: int) -> np.ndarray:
     """(3, S, S) float32 image area-resized to (3, size, size) (unchanged when S == size)."""
     if image.shape[-1] == size:
         return image
-    small = cv2.resize(image.transpose(1, 2, 0), (size, size), interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(small.transpose(2, 0, 1))
+    # Plane by plane: contiguous single-channel resizes are several times faster than one
+    # resize of the strided (S, S, 3) view.
+    return np.stack([cv2.resize(plane, (size, size), interpolation=cv2.INTER_AREA) for plane in image])
 
 
 def add_correct_argument(parser: Any) -> None:

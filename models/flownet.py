@@ -85,6 +85,27 @@ class FlowNet2S(nn.Module):
         nn.init.zeros_(self.predict_scale2.bias)
 
     def forward(self, pair: torch.Tensor) -> FlowOutput:
+        out2, out3, out4, out5, out6 = self._encode(pair)
+        concat = out6
+        flow = self.predict_flow6(out6)
+        for skip, deconv, up, predict in (
+            (out5, self.deconv5, self.upsample_flow[0], self.predict_flow5),
+            (out4, self.deconv4, self.upsample_flow[1], self.predict_flow4),
+            (out3, self.deconv3, self.upsample_flow[2], self.predict_flow3),
+            (out2, self.deconv2, self.upsample_flow[3], self.predict_flow2),
+        ):
+            concat = torch.cat((skip, deconv(concat), up(flow)), dim=1)
+            flow = predict(concat)
+        scale = 1.0 + self.predict_scale2(concat)
+        return FlowOutput(*self._to_warp_grid(flow, scale), out6)
+
+    def conv6_features(self, pair: torch.Tensor) -> torch.Tensor:
+        """Conv6 alone (the encoder; no flow decoder): what the ``rl`` and ``dvsnet`` schedulers
+        read when another method (DIS) supplies the flow, at about half of F's cost."""
+        return self._encode(pair)[-1]
+
+    def _encode(self, pair: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The encoder's outputs at strides 4, 8, 16, 32 and 64 (Conv2 ... Conv6)."""
         cfg = self.config
         if pair.dim() != 4 or pair.shape[1] != 6:
             raise ValueError(f"FlowNet2S expects (B,6,H,W) frame pairs, got {tuple(pair.shape)}")
@@ -98,20 +119,7 @@ class FlowNet2S(nn.Module):
         out3 = self.conv3_1(self.conv3(out2))
         out4 = self.conv4_1(self.conv4(out3))
         out5 = self.conv5_1(self.conv5(out4))
-        out6 = self.conv6_1(self.conv6(out5))
-
-        concat = out6
-        flow = self.predict_flow6(out6)
-        for skip, deconv, up, predict in (
-            (out5, self.deconv5, self.upsample_flow[0], self.predict_flow5),
-            (out4, self.deconv4, self.upsample_flow[1], self.predict_flow4),
-            (out3, self.deconv3, self.upsample_flow[2], self.predict_flow3),
-            (out2, self.deconv2, self.upsample_flow[3], self.predict_flow2),
-        ):
-            concat = torch.cat((skip, deconv(concat), up(flow)), dim=1)
-            flow = predict(concat)
-        scale = 1.0 + self.predict_scale2(concat)
-        return FlowOutput(*self._to_warp_grid(flow, scale), out6)
+        return out2, out3, out4, out5, self.conv6_1(self.conv6(out5))
 
     def _to_warp_grid(self, flow: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flow at stride 4 (units of div_flow input pixels) -> pixels of the warp grid."""

@@ -262,6 +262,10 @@ class WrappedNetworks(Networks):
         self._called("flow")
         return self.flow_fn(pairs, self.inner) if self.flow_fn else self.inner.flow(pairs)
 
+    def conv6_features(self, pairs: np.ndarray) -> np.ndarray:
+        self._called("conv6_features")
+        return self.flow_fn(pairs, self.inner).conv6 if self.flow_fn else self.inner.conv6_features(pairs)
+
     def warp(self, features: np.ndarray, flow: np.ndarray, scale: np.ndarray) -> np.ndarray:
         self._called("warp")
         return self.inner.warp(features, flow, scale)

@@ -41,7 +41,16 @@ from facestream.models.config import (
 
 ATOL = 1e-3  # the acceptance bound on ORT vs torch outputs
 ARGMAX_AGREEMENT = 0.999
-ALL_GRAPHS = ["correction", "dvsnet", "flow", "policy", "segmentation_features", "segmentation_task", "warp"]
+ALL_GRAPHS = [
+    "correction",
+    "dvsnet",
+    "flow",
+    "flow_conv6",
+    "policy",
+    "segmentation_features",
+    "segmentation_task",
+    "warp",
+]
 BATCH = 2  # > 1 on every graph: the batch axis must be dynamic (exported with batch 1)
 
 
@@ -127,6 +136,9 @@ def test_flow_parity(backends) -> None:
     assert out_t.conv6.shape == (BATCH, flow_cfg.conv6_channels, flow_cfg.conv6_size, flow_cfg.conv6_size)
     for name in ("flow", "scale", "conv6"):
         assert_close(getattr(out_t, name), getattr(out_o, name), f"flow.{name}")
+    # F's encoder alone (what rl/dvsnet read beside DIS): the same Conv6 on both backends
+    assert_close(out_t.conv6, torch_nets.conv6_features(pairs), "conv6_features (torch)")
+    assert_close(out_t.conv6, ort_nets.conv6_features(pairs), "flow_conv6 (ORT)")
 
 
 def test_warp_parity(backends) -> None:

@@ -126,6 +126,7 @@ def test_export_writes_every_graph(weights: Path, env: dict[str, str], tmp_path:
         "segmentation_features",
         "segmentation_task",
         "flow",
+        "flow_conv6",
         "warp",
         "policy",
         "dvsnet",

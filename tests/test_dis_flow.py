@@ -17,7 +17,7 @@ from helpers import WrappedNetworks, networks, one_torch_thread, random_weights
 
 from facestream.engines import segment as segment_module
 from facestream.engines.backends import create_networks
-from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS, DisFlowNetworks, with_flow
+from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS, DisFlowNetworks, _grey, with_flow
 from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.segment import SegmentOptions, run_segment
 from facestream.models import warp
@@ -149,7 +149,7 @@ def test_conv6_comes_from_f_only_when_asked(inner: Networks) -> None:
         without = DisFlowNetworks(counted, conv6=False, size=pair.shape[-1]).flow(pair)
         assert counted.calls["flow"] == 0  # F never runs
         with_f = DisFlowNetworks(counted, conv6=True, size=pair.shape[-1]).flow(pair)
-        assert counted.calls["flow"] == 1
+        assert counted.calls["flow"] == 0 and counted.calls["conv6_features"] == 1  # encoder only
     assert without.conv6.shape == expected.conv6.shape and not without.conv6.any()
     np.testing.assert_allclose(with_f.conv6, expected.conv6, rtol=1e-5, atol=1e-6)
     assert expected.conv6.any()
@@ -295,3 +295,9 @@ def test_segment_dis_size_reaches_the_flow(
     with one_torch_thread():
         report = run_segment(options)
     assert report["backend"] == "torch+dis48" and report["frames"] == 4
+
+
+def test_grey_is_opencvs_grey_of_the_rounded_rgb_image() -> None:
+    rgb = np.random.default_rng(0).random((3, 41, 67)).astype(np.float32)
+    image = np.clip(rgb.transpose(1, 2, 0) * 255.0 + 0.5, 0.0, 255.0).astype(np.uint8)
+    assert np.array_equal(_grey(rgb), cv2.cvtColor(image, cv2.COLOR_RGB2GRAY))

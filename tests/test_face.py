@@ -15,6 +15,7 @@ from facestream.engines.face import (
     FaceLocator,
     crop_square,
     paste_scores,
+    plane_argmax,
     track_box,
 )
 
@@ -45,6 +46,51 @@ def test_paste_scores_puts_classes_where_the_box_is() -> None:
     assert mask[30, 80] == 2 and mask[90, 80] == 1
     rows = np.nonzero((mask == 2).any(axis=1))[0]
     assert rows.min() == 20 and abs(rows.max() - 59) <= 1  # the upper half of 20..100
+
+
+def test_plane_argmax_is_numpys_argmax_ties_included() -> None:
+    rng = np.random.default_rng(0)
+    for count in (1, 2, 5):
+        planes = [rng.integers(0, 3, (37, 53)).astype(np.float32) for _ in range(count)]  # many ties
+        expected = np.argmax(np.stack(planes), axis=0)
+        assert np.array_equal(plane_argmax(planes), expected)
+        assert plane_argmax(planes).dtype == np.uint8
+
+
+def _bilinear_reference(scores: np.ndarray, box: Box, frame_hw: tuple[int, int]) -> np.ndarray:
+    """(K, H, W) float64 class scores over the frame by the definition: each frame pixel centre
+    mapped onto the score grid (align_corners=False), bilinear, grid edges replicated."""
+    k, h, w = scores.shape
+    height, width = frame_hw
+    u = (np.arange(width) + 0.5 - box.x0) * (w / box.width) - 0.5
+    v = (np.arange(height) + 0.5 - box.y0) * (h / box.height) - 0.5
+    u, v = np.clip(u, 0, w - 1), np.clip(v, 0, h - 1)
+    i0, j0 = np.minimum(np.floor(u).astype(int), w - 2), np.minimum(np.floor(v).astype(int), h - 2)
+    fu, fv = u - i0, v - j0
+    s = scores.astype(np.float64)
+    top = s[:, j0][:, :, i0] * (1 - fu) + s[:, j0][:, :, i0 + 1] * fu
+    bottom = s[:, j0 + 1][:, :, i0] * (1 - fu) + s[:, j0 + 1][:, :, i0 + 1] * fu
+    return top * (1 - fv)[:, None] + bottom * fv[:, None]
+
+
+@pytest.mark.parametrize("x0, y0", [(23.4, 11.7), (23.6, 11.2), (-7.5, 20.5)])
+def test_paste_scores_is_bilinear_upsampling_then_argmax(x0: float, y0: float) -> None:
+    rng = np.random.default_rng(1)
+    scores = rng.standard_normal((5, 16, 16)).astype(np.float32)
+    box = Box(x0, y0, x0 + 120.5, y0 + 120.5)  # fractional corners in a 160 x 150 frame
+    mask = paste_scores(scores, box, (150, 160))
+    # The box's scale exactly, its corner rounded to the nearest pixel (at most half a pixel off).
+    rounded = Box(round(x0), round(y0), round(x0) + box.width, round(y0) + box.height)
+    reference = _bilinear_reference(scores, rounded, (150, 160))
+    inside = np.zeros((150, 160), bool)
+    inside[
+        max(int(np.floor(y0)), 0) : int(np.ceil(box.y1)), max(int(np.floor(x0)), 0) : int(np.ceil(box.x1))
+    ] = True
+    top2 = np.sort(reference, axis=0)[-2:]
+    clear = inside & (top2[1] - top2[0] > 1e-4)  # float32 against float64: exact ties aside
+    assert clear.sum() > 0.99 * inside.sum()
+    assert np.array_equal(mask[clear], reference.argmax(axis=0)[clear])
+    assert mask[~inside].max() == 0
 
 
 def test_paste_scores_box_partly_outside_frame() -> None:

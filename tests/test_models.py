@@ -240,8 +240,11 @@ def flownets() -> dict[int, FlowNet2S]:
 def test_flownet_output_shapes(flownets, size: int) -> None:
     model = flownets[size]
     config = model.config
+    pair = torch.rand(BATCH, 6, size, size)
     with torch.no_grad():
-        out = model(torch.rand(BATCH, 6, size, size))
+        out = model(pair)
+        alone = model.conv6_features(pair)  # the encoder without the flow decoder
+    torch.testing.assert_close(alone, out.conv6, rtol=0, atol=0)
     assert out.flow.shape == (BATCH, 2, 64, 64)
     assert out.scale.shape == (BATCH, config.scale_channels, 64, 64)
     assert out.conv6.shape == (BATCH, config.conv6_channels, size // 64, size // 64)

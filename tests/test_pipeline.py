@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from helpers import (
@@ -27,7 +28,7 @@ from helpers import (
 
 from facestream.engines.face import Box, crop_square, paste_scores
 from facestream.engines.networks import FlowResult, Networks
-from facestream.engines.pipeline import FrameResult, StreamSegmenter, flow_image, to_chw
+from facestream.engines.pipeline import FrameResult, StreamSegmenter, flow_image, resized_chw, to_chw
 from facestream.engines.schedulers import make_scheduler
 
 BACKENDS = ["onnxruntime", "torch"]
@@ -343,3 +344,13 @@ def test_a_key_is_forced_when_the_last_one_is_too_old(tmp_path_factory, frames) 
     assert StreamSegmenter(never, make_scheduler("rl", 0.5)).max_key_distance == 90
     with pytest.raises(ValueError, match="max_key_distance"):
         StreamSegmenter(never, make_scheduler("fixed"), max_key_distance=0)
+
+
+def test_resized_chw_is_an_area_resize_of_each_channel() -> None:
+    image = np.random.default_rng(0).random((3, 96, 96)).astype(np.float32)
+    small = resized_chw(image, 32)
+    whole = cv2.resize(image.transpose(1, 2, 0), (32, 32), interpolation=cv2.INTER_AREA)
+    assert small.shape == (3, 32, 32) and small.dtype == np.float32
+    np.testing.assert_allclose(small, whole.transpose(2, 0, 1), atol=1e-6)
+    assert np.allclose(small[:, 0, 0], image[:, :3, :3].mean(axis=(1, 2)), atol=1e-6)
+    assert resized_chw(image, 96) is image

@@ -51,7 +51,16 @@ from facestream.engines.tensorrt_build import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ALL_GRAPHS = ["correction", "dvsnet", "flow", "policy", "segmentation_features", "segmentation_task", "warp"]
+ALL_GRAPHS = [
+    "correction",
+    "dvsnet",
+    "flow",
+    "flow_conv6",
+    "policy",
+    "segmentation_features",
+    "segmentation_task",
+    "warp",
+]
 INSTALL = "pip install 'facestream[gpu]'"
 
 
