@@ -177,3 +177,8 @@ def test_track_box_holds_without_a_face_and_caps_the_shift() -> None:
     far = track_box(box, box, _flow(16, -16.0, 16.0), skin)  # a whole square's width in one frame
     limit = MAX_TRACK_SHIFT * box.width
     assert far == pytest.approx(Box(limit, -limit, 100.0 + limit, 100.0 - limit))
+
+
+def test_paste_scores_of_a_sub_pixel_box_is_background() -> None:
+    mask = paste_scores(np.ones((5, 4, 4), np.float32), Box(10.2, 10.2, 10.7, 10.9), (50, 50))
+    assert mask.shape == (50, 50) and mask.max() == 0
