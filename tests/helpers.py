@@ -43,6 +43,18 @@ _frames: dict[tuple, list[np.ndarray]] = {}
 _dirs: dict[str, Path] = {}
 THREADS = 1  # the machine's 2 cores are shared: 2-thread pools spin and thrash (5-20x slower)
 
+# Every ONNX graph of a full weight set (engines.export.graph_specs), sorted
+ALL_GRAPHS = [
+    "correction",
+    "dvsnet",
+    "flow",
+    "flow_conv6",
+    "policy",
+    "segmentation_features",
+    "segmentation_task",
+    "warp",
+]
+
 
 @contextmanager
 def one_torch_thread() -> Iterator[None]:

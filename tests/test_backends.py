@@ -16,7 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import SIZE, build_networks, networks, one_torch_thread, onnx_cache_dir, random_weights
+from helpers import (
+    ALL_GRAPHS,
+    SIZE,
+    build_networks,
+    networks,
+    one_torch_thread,
+    onnx_cache_dir,
+    random_weights,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -41,16 +49,6 @@ from facestream.models.config import (
 
 ATOL = 1e-3  # the acceptance bound on ORT vs torch outputs
 ARGMAX_AGREEMENT = 0.999
-ALL_GRAPHS = [
-    "correction",
-    "dvsnet",
-    "flow",
-    "flow_conv6",
-    "policy",
-    "segmentation_features",
-    "segmentation_task",
-    "warp",
-]
 BATCH = 2  # > 1 on every graph: the batch axis must be dynamic (exported with batch 1)
 
 

@@ -24,7 +24,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import SIZE, THREADS, networks, one_torch_thread, onnx_cache_dir, random_weights
+from helpers import ALL_GRAPHS, SIZE, THREADS, networks, one_torch_thread, onnx_cache_dir, random_weights
 
 from facestream.engines import tensorrt_build
 from facestream.engines.backend_tensorrt import TensorRTNetworks
@@ -51,16 +51,6 @@ from facestream.engines.tensorrt_build import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ALL_GRAPHS = [
-    "correction",
-    "dvsnet",
-    "flow",
-    "flow_conv6",
-    "policy",
-    "segmentation_features",
-    "segmentation_task",
-    "warp",
-]
 INSTALL = "pip install 'facestream[gpu]'"
 
 
