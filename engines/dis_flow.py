@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from facestream.engines.networks import FlowResult, Networks
+from facestream.engines.pipeline import resized_chw
 
 FLOWS = ("flownet", "dis")
 # The warp flow used unless told otherwise. DIS, because it measures better: on set C with the
@@ -146,11 +147,7 @@ def _resized(pairs: np.ndarray, size: int) -> np.ndarray:
     """(B, 6, S, S) pairs area-resized to (B, 6, size, size) (F's input for its Conv6)."""
     if pairs.shape[-1] == size:
         return pairs
-    out = np.empty((*pairs.shape[:2], size, size), np.float32)
-    for b in range(pairs.shape[0]):
-        image = cv2.resize(pairs[b].transpose(1, 2, 0), (size, size), interpolation=cv2.INTER_AREA)
-        out[b] = image.transpose(2, 0, 1)
-    return out
+    return np.stack([resized_chw(pair, size) for pair in pairs])
 
 
 def add_dis_size_argument(parser: Any) -> None:

@@ -101,7 +101,7 @@ def flow_image(crop: np.ndarray, size: int) -> np.ndarray:
 
 
 def resized_chw(image: np.ndarray, size: int) -> np.ndarray:
-    """(3, S, S) float32 image area-resized to (3, size, size) (unchanged when S == size)."""
+    """(C, S, S) float32 image area-resized to (C, size, size) (unchanged when S == size)."""
     if image.shape[-1] == size:
         return image
     # Plane by plane: contiguous single-channel resizes are several times faster than one
