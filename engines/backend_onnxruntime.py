@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from facestream.engines.export import cached_export
+from facestream.engines.int8 import int8_correction_graph, resolve_precision
 from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.weights import WeightSet, read_metadata
 from facestream.models.config import config_from_json
@@ -27,8 +28,14 @@ class OrtNetworks(Networks):
         threads: int | None = None,
         providers: list[str] | None = None,
         graphs: dict[str, Path] | None = None,
+        correct_precision: str = "fp32",
     ) -> None:
-        graphs = graphs if graphs is not None else cached_export(weights)
+        graphs = dict(graphs if graphs is not None else cached_export(weights))
+        self.providers = providers or ["CPUExecutionProvider"]
+        cpu = self.providers == ["CPUExecutionProvider"]
+        if "correction" in graphs and resolve_precision(correct_precision, weights, cpu=cpu) == "int8":
+            graphs["correction"] = int8_correction_graph(weights, graphs["correction"])
+            self.correct_precision = "int8"
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Up to seven sessions share the cores; idle pools must not spin while another session runs.
@@ -36,7 +43,6 @@ class OrtNetworks(Networks):
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        self.providers = providers or ["CPUExecutionProvider"]
         self.sessions = {
             name: ort.InferenceSession(str(path), options, providers=self.providers)
             for name, path in graphs.items()

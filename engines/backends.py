@@ -9,6 +9,7 @@ from facestream.engines.backend_onnxruntime import OrtNetworks
 from facestream.engines.backend_tensorrt import TensorRTNetworks
 from facestream.engines.backend_torch import TorchNetworks
 from facestream.engines.dis_flow import FLOWS, with_flow
+from facestream.engines.int8 import Int8Unavailable, check_precision
 from facestream.engines.networks import Networks
 from facestream.engines.tensorrt_build import cuda_problem
 from facestream.engines.weights import WeightsError, WeightSet
@@ -30,6 +31,7 @@ def create_networks(
     flow: str = "flownet",
     conv6: bool = True,
     dis_size: int | None = None,
+    correct_precision: str = "fp32",
 ) -> Networks:
     """The networks of ``weights`` on ``backend`` (one of :data:`BACKENDS`).
 
@@ -42,9 +44,19 @@ def create_networks(
     :data:`~facestream.engines.dis_flow.DEFAULT_FLOW`) (OpenCV DIS optical flow, see
     :mod:`facestream.engines.dis_flow`); with ``dis``, ``conv6`` says whether F still runs for
     the Conv6 features the ``rl`` and ``dvsnet`` schedulers need.
+
+    ``correct_precision``: the warp corrector's arithmetic on the onnxruntime CPU backend,
+    ``fp32`` (the library default: the trained network as it is), ``int8`` or ``auto`` (the
+    commands' default); see :mod:`facestream.engines.int8`.
     """
     networks, _ = create_chosen_networks(
-        weights, backend, threads=threads, flow=flow, conv6=conv6, dis_size=dis_size
+        weights,
+        backend,
+        threads=threads,
+        flow=flow,
+        conv6=conv6,
+        dis_size=dis_size,
+        correct_precision=correct_precision,
     )
     return networks
 
@@ -57,6 +69,7 @@ def create_chosen_networks(
     flow: str = "flownet",
     conv6: bool = True,
     dis_size: int | None = None,
+    correct_precision: str = "fp32",
 ) -> tuple[Networks, BackendChoice]:
     """:func:`create_networks`, and the :class:`BackendChoice` behind it (for ``auto``: the
     backend that started and why, each one skipped or failed before it and why)."""
@@ -64,22 +77,26 @@ def create_chosen_networks(
         raise ValueError(f"unknown flow {flow!r}; choose one of {', '.join(FLOWS)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_precision(correct_precision)
     if backend == AUTO:
-        networks, choice = _create_auto(weights, threads)
+        networks, choice = _create_auto(weights, threads, correct_precision)
     else:
-        networks, choice = _create(backend, weights, threads), BackendChoice(backend, "asked for")
+        networks = _create(backend, weights, threads, correct_precision)
+        choice = BackendChoice(backend, "asked for")
     return with_flow(networks, flow, conv6=conv6, dis_size=dis_size), choice
 
 
-def _create_auto(weights: WeightSet, threads: int | None) -> tuple[Networks, BackendChoice]:
+def _create_auto(
+    weights: WeightSet, threads: int | None, correct_precision: str
+) -> tuple[Networks, BackendChoice]:
     """Down the chain until a backend starts; a failure to start is recorded as the reason."""
     failed: dict[str, str] = {}
     while True:
         choice = choose_backend(AUTO, failed=failed)
         try:
-            return _create(choice.name, weights, threads), choice
-        except WeightsError:
-            raise  # the weights, not the backend
+            return _create(choice.name, weights, threads, correct_precision), choice
+        except (WeightsError, Int8Unavailable):
+            raise  # the weights or their calibration, not the backend
         except (RuntimeError, OSError, ImportError) as exc:
             if choice.name in CPU_BACKENDS:
                 raise
@@ -87,13 +104,15 @@ def _create_auto(weights: WeightSet, threads: int | None) -> tuple[Networks, Bac
             LOG.warning("backend %s %s", choice.name, failed[choice.name])
 
 
-def _create(backend: str, weights: WeightSet, threads: int | None) -> Networks:
+def _create(backend: str, weights: WeightSet, threads: int | None, correct_precision: str) -> Networks:
+    if correct_precision == "int8" and backend != "onnxruntime":
+        raise Int8Unavailable(f"the int8 corrector runs on the onnxruntime CPU backend only, not {backend}")
     if backend in ("torch-cuda", "onnxruntime-cuda"):
         problem = cuda_problem()
         if problem:
             raise BackendUnavailable(f"backend {backend} needs a CUDA GPU: {problem}")
     if backend == "onnxruntime":
-        return OrtNetworks(weights, threads=threads)
+        return OrtNetworks(weights, threads=threads, correct_precision=correct_precision)
     if backend == "onnxruntime-cuda":
         return _ort_cuda(weights, threads)
     if backend == "torch":

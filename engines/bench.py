@@ -33,9 +33,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from facestream.engines.backend_onnxruntime import OrtNetworks
 from facestream.engines.backends import BACKENDS, create_networks
 from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS, with_flow
+from facestream.engines.export import cached_export
 from facestream.engines.face import Box, FaceLocator, crop_square
+from facestream.engines.int8 import write_timing_calibration
 from facestream.engines.networks import Networks
 from facestream.engines.pipeline import FrameResult, StreamSegmenter, to_chw
 from facestream.engines.schedulers import Decision, DecisionContext, Scheduler, make_scheduler
@@ -69,7 +72,8 @@ STAGE_LABELS = {
     "flow": "FlowNet2-s",
     "conv6": "F's Conv6 alone (rl/dvsnet beside DIS)",
     "warp": "warp",
-    "correct": "warp corrector",
+    "correct": "warp corrector (int8 on onnxruntime)",
+    "correct_fp32": "warp corrector, float32",
     "policy": "RL policy",
     "dvsnet": "DVSNet head",
     "nonkey": "non-key frame",
@@ -249,6 +253,8 @@ class _NetworkFactory:
             folder = self.directory / f"{backbone}-{size}"
             weights = write_random_weights(folder, config)
             _cut_expert_feedback(weights)
+            # the commands' default corrector on onnxruntime is int8 (shipped ranges): time that
+            write_timing_calibration(weights, cached_export(weights)["correction"])
             self._weights[size, backbone] = weights
         return self._weights[size, backbone]
 
@@ -257,7 +263,9 @@ class _NetworkFactory:
         key = (backend, size, backbone)
         if key not in self._networks:
             weights = self.weights(size, backbone)
-            self._networks[key] = create_networks(weights, backend, threads=self.threads)
+            self._networks[key] = create_networks(
+                weights, backend, threads=self.threads, correct_precision="auto"
+            )
         if (*key, conv6) not in self._flows:
             self._flows[(*key, conv6)] = with_flow(self._networks[key], self.flow, conv6=conv6)
         return self._flows[(*key, conv6)]
@@ -290,7 +298,7 @@ def _header(settings: BenchSettings, frames: list[np.ndarray]) -> dict[str, Any]
 
 def _machine_info(threads: int) -> dict[str, Any]:
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
         "platform": platform.platform(),
@@ -304,7 +312,7 @@ def _machine_info(threads: int) -> dict[str, Any]:
     }
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     """The first ``model name`` of /proc/cpuinfo (``platform.processor()`` elsewhere)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -409,6 +417,10 @@ def _stage_tables(
             networks = factory.get(backend, size, settings.key_backbone)
             for stage, call in _network_calls(networks, frames[0], frames[1]).items():
                 stages.append(_row(where, stage, time_ms(call, settings.repeats), say))
+            if networks.correct_precision == "int8":  # and the float32 graph it replaces
+                plain = OrtNetworks(factory.weights(size, settings.key_backbone), threads=factory.threads)
+                call = _network_calls(plain, frames[0], frames[1])["correct"]
+                stages.append(_row(where, "correct_fp32", time_ms(call, settings.repeats), say))
             nonkey.append(_nonkey_row(where, networks, frames, settings.repeats, say))
             factory.release(keep)
     return stages, nonkey

@@ -11,6 +11,7 @@ from facestream.engines.backend_choice import BackendUnavailable
 from facestream.engines.backends import BACKENDS, CPU_BACKENDS, DEFAULT_BACKEND
 from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS, add_dis_size_argument
 from facestream.engines.export import export_onnx
+from facestream.engines.int8 import Int8Unavailable, add_precision_argument
 from facestream.engines.pipeline import add_correct_argument
 from facestream.engines.schedulers import SCHEDULERS
 from facestream.engines.segment import SegmentOptions, run_segment
@@ -89,6 +90,7 @@ class SegmentCommand:
         _flow_argument(parser)
         add_dis_size_argument(parser)
         add_correct_argument(parser)
+        add_precision_argument(parser)
         parser.add_argument("--size", type=int, help="face crop side in pixels (must match the weights)")
         _weights_argument(parser)
         parser.add_argument("--out", type=Path, metavar="VIDEO", help="write an overlay video (mp4)")
@@ -116,14 +118,16 @@ class SegmentCommand:
                 flow=args.flow,
                 dis_size=args.dis_size,
                 correct=args.correct,
+                correct_precision=args.correct_precision,
             )
             report = run_segment(options)
-        except (WeightsError, ValueError, OSError, BackendUnavailable, TensorRTError) as exc:
+        except (WeightsError, ValueError, OSError, BackendUnavailable, TensorRTError, Int8Unavailable) as exc:
             return _fail(self.name, exc)
         keys, frames = report["keys"], report["frames"]
         print(
             f"{frames} frames, {keys} keys (AKI {report['aki'] or 0:.1f}), "
             f"{report['fps']} FPS processing, backend {report['backend']}"
+            + (f", {report['correction_precision']} corrector" if report["correction_precision"] else "")
         )
         return 0
 

@@ -76,6 +76,7 @@ class DisFlowNetworks(Networks):
         )
         self.inner = inner
         self.conv6 = conv6
+        self.correct_precision = inner.correct_precision
         default = inner.segmentation_config.input_size
         self.size = size or default
         if self.size < 16:

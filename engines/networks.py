@@ -24,6 +24,7 @@ class Networks(ABC):
     """N_feat, N_task, F, W, the key policy and the DVSNet head behind one interface."""
 
     backend: str = "?"
+    correct_precision: str = "fp32"  # the warp corrector's arithmetic (engines.int8: int8 on ORT CPU)
 
     def __init__(
         self,

@@ -41,6 +41,7 @@ class SegmentOptions:
     flow: str = DEFAULT_FLOW
     dis_size: int | None = None  # side of the face crops DIS sees (None: N's input)
     correct: bool = True  # the warp corrector on non-key frames, when the weights have one
+    correct_precision: str = "auto"  # its arithmetic on onnxruntime (engines.int8)
 
 
 class _Outputs:
@@ -89,6 +90,7 @@ def run_segment(options: SegmentOptions) -> dict[str, Any]:
         flow=options.flow,
         conv6=scheduler.needs_conv6,
         dis_size=options.dis_size,
+        correct_precision=options.correct_precision if options.correct else "fp32",
     )
     check_size(options.size, networks.segmentation_config.input_size)
     segmenter = StreamSegmenter(networks, scheduler, correct=options.correct)
@@ -166,6 +168,9 @@ def _report(options, weights, networks, scheduler, source, stats, counts, wall) 
         },
         "flow": options.flow,
         "correction": options.correct and networks.has_correction,
+        "correction_precision": networks.correct_precision
+        if options.correct and networks.has_correction
+        else None,
         "flow_input_size": networks.flow_input_size,
         "weights": {"dir": str(weights.directory), "sha256": weights.hashes()},
         "stages_ms": summary,

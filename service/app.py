@@ -56,6 +56,7 @@ def load_engine(settings: ServiceSettings) -> ServiceEngine:
         settings.threads,
         dis_size=settings.dis_size,
         correct=settings.correct,
+        correct_precision=settings.correct_precision,
     )
     engine.warm_up()
     return engine

@@ -12,6 +12,7 @@ import uvicorn
 
 from facestream.engines.backends import BACKENDS
 from facestream.engines.dis_flow import FLOWS, add_dis_size_argument
+from facestream.engines.int8 import PRECISIONS
 from facestream.engines.schedulers import SCHEDULERS
 from facestream.engines.weights import WeightsError, find_weights
 from facestream.service.app import create_app
@@ -48,6 +49,9 @@ class ServeCommand:
             default=None,
             help="do not run the warp corrector on non-key frames (the paper's pipeline)",
         )
+        parser.add_argument(
+            "--correct-precision", choices=PRECISIONS, help="the corrector's arithmetic (default auto)"
+        )
         parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default scheduler of a stream")
         parser.add_argument("--knob", type=float, help="the default scheduler's knob")
         parser.add_argument("--max-streams", type=int)
@@ -69,6 +73,7 @@ class ServeCommand:
             "dis_size": args.dis_size,
             "threads": args.threads,
             "correct": args.correct,
+            "correct_precision": args.correct_precision,
             "scheduler": args.scheduler,
             "knob": args.knob,
             "max_streams": args.max_streams,

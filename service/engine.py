@@ -44,16 +44,26 @@ class ServiceEngine:
         *,
         dis_size: int | None = None,
         correct: bool = True,
+        correct_precision: str = "auto",
     ) -> ServiceEngine:
         start = time.perf_counter()
         found = find_weights(weights)
         networks, choice = create_chosen_networks(
-            found, backend, threads=threads, flow=flow, conv6=True, dis_size=dis_size
+            found,
+            backend,
+            threads=threads,
+            flow=flow,
+            conv6=True,
+            dis_size=dis_size,
+            correct_precision=correct_precision if correct else "fp32",
         )
         log.info("%s", choice.describe())
         engine = cls.around(found, networks, flow)
         engine.correct = correct
         engine.info["backend_choice"] = choice.to_json()
+        engine.info["correction_precision"] = (
+            networks.correct_precision if correct and networks.has_correction else None
+        )
         engine.info["load_seconds"] = round(time.perf_counter() - start, 3)
         return engine
 

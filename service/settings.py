@@ -18,12 +18,14 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from facestream.engines.backends import BACKENDS, DEFAULT_BACKEND
 from facestream.engines.dis_flow import DEFAULT_FLOW, FLOWS
+from facestream.engines.int8 import PRECISIONS
 from facestream.engines.schedulers import SCHEDULERS, make_scheduler
 
 MASK_FORMATS = ("png", "rle", "raw", "none")
 CHOICES: dict[str, tuple[str, ...]] = {  # settings that take one of a fixed set of names
     "backend": BACKENDS,
     "flow": FLOWS,
+    "correct_precision": PRECISIONS,
     "scheduler": tuple(SCHEDULERS),
     "mask_format": MASK_FORMATS,
     "rtsp_transport": ("tcp", "udp"),
@@ -63,6 +65,10 @@ class ServiceSettings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="CPU threads for inference")
     correct: bool = Field(
         True, description="run the warp corrector on non-key frames when the weights have one"
+    )
+    correct_precision: str = Field(
+        "auto",
+        description="the corrector on the onnxruntime CPU backend: int8, fp32 or auto (int8 when calibrated)",
     )
     scheduler: str = Field("fixed", description="default key scheduler of a new stream")
     knob: float | None = Field(None, description="the default scheduler's knob (tau, interval, ...)")

@@ -55,7 +55,9 @@ def test_stage_costs_are_positive(written: dict) -> None:
     rows = {(r["backend"], r["stage"], r["backbone"]) for r in written["stages"]}
     for backend in ("torch", "onnxruntime"):
         assert {(backend, "key", "mobilenet_v2"), (backend, "key", "resnet50")} <= rows
-        assert {(backend, stage, None) for stage in ("flow", "warp", "policy", "dvsnet")} <= rows
+        assert {(backend, stage, None) for stage in ("flow", "warp", "correct", "policy", "dvsnet")} <= rows
+    # onnxruntime times its default int8 corrector and the float32 one it replaces; torch has one
+    assert ("onnxruntime", "correct_fp32", None) in rows and ("torch", "correct_fp32", None) not in rows
     timed = [*written["stages"], *written["nonkey"], *written["io"].values()]
     assert all(r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] for r in timed)
     assert {r["backend"] for r in written["nonkey"]} == {"torch", "onnxruntime"}

@@ -74,6 +74,7 @@ def test_settings_precedence_file_env_arguments(tmp_path: Path, monkeypatch: pyt
         ('scheduler = "fixed"\nknob = 0.5', "interval"),
         ("port = 70000", "port"),
         ("dis_size = 8", "dis_size"),
+        ('correct_precision = "int4"', "correct_precision must be one of"),
         ('colour = "red"', "colour"),
         ("port = ", "not valid TOML"),
     ],

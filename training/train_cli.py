@@ -322,6 +322,67 @@ def _correction(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
     return run
 
 
+def _calibrate(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    p = sub.add_parser(
+        "calibrate",
+        help="activation ranges of the int8 warp corrector (correction-int8.json) on set A pairs, "
+        "judged against float32 on set B",
+    )
+    _common(p, "models/weights")
+    p.add_argument("--weights", type=Path, required=True, help="weights folder with correction.safetensors")
+    p.add_argument("--pairs", type=int, default=256, help="random training pairs to measure ranges on")
+    p.add_argument(
+        "--train-set", default="A", help="set the pairs come from (default: A, as the corrector's)"
+    )
+    p.add_argument("--val-set", default="B", help="set int8 is judged on against float32 ('' for none)")
+    p.add_argument("--max-gap", type=int, default=60, help="longest key-to-current distance")
+    p.add_argument("--seed", type=int, default=0)
+
+    def run(args: argparse.Namespace) -> int:
+        from facestream.engines.backends import create_networks
+        from facestream.engines.weights import find_weights
+        from facestream.training.calibrate import calibrate_correction
+        from facestream.training.train_correction import make_correction_pairs
+
+        weights = find_weights(args.weights)
+        if not weights.has("correction"):
+            raise ValueError(f"no correction.safetensors in {weights.directory}")
+        networks = create_networks(weights, "onnxruntime", threads=args.threads, flow="dis", conv6=False)
+        manifest = load_manifest(args.manifest)
+        progress = not args.no_progress
+
+        def pairs(subset: str, per_frame: int):
+            clips = open_clips(
+                manifest, subset, teacher=args.teacher, labels_dir=args.labels, progress=progress
+            )
+            return make_correction_pairs(
+                clips, networks, per_frame=per_frame, max_gap=args.max_gap, seed=args.seed, progress=progress
+            )
+
+        val = pairs(args.val_set, 2) if args.val_set else None
+        card = {
+            "data": f"manifest {manifest.name}, set {args.train_set} pairs (1 per frame, gaps "
+            f"1-{args.max_gap}); judged on set {args.val_set or '-'} (2 pairs per frame), teacher "
+            f"{args.teacher} labels; DIS flow",
+            "validation": f"set {args.val_set}, gaps 1-{args.max_gap}, 2 per frame" if args.val_set else "",
+            "command": " ".join(["facestream", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else "",
+        }
+        path = calibrate_correction(
+            weights,
+            pairs(args.train_set, 1),
+            val,
+            args.out,
+            count=args.pairs,
+            seed=args.seed,
+            threads=args.threads,
+            card={k: v for k, v in card.items() if v},
+        )
+        print(f"wrote {path}")
+        return 0
+
+    return run
+
+
 def _tables_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights",
@@ -548,7 +609,7 @@ def _ship(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int
     return run
 
 
-BUILDERS = (_segmentation, _flow, _correction, _dvsnet, _policy, _ship)
+BUILDERS = (_segmentation, _flow, _correction, _calibrate, _dvsnet, _policy, _ship)
 
 
 class TrainCommand:
