@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ from facestream.engines.int8 import int8_correction_graph, resolve_precision
 from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.weights import WeightSet, read_metadata
 from facestream.models.config import config_from_json
+
+LOG = logging.getLogger(__name__)
 
 
 def _config(weights: WeightSet, name: str):
@@ -34,8 +37,15 @@ class OrtNetworks(Networks):
         self.providers = providers or ["CPUExecutionProvider"]
         cpu = self.providers == ["CPUExecutionProvider"]
         if "correction" in graphs and resolve_precision(correct_precision, weights, cpu=cpu) == "int8":
-            graphs["correction"] = int8_correction_graph(weights, graphs["correction"])
-            self.correct_precision = "int8"
+            try:
+                graphs["correction"] = int8_correction_graph(weights, graphs["correction"])
+                self.correct_precision = "int8"
+            except Exception as exc:  # auto: a calibration that cannot be applied runs float32
+                if correct_precision == "int8":
+                    raise
+                LOG.warning(
+                    "int8 corrector unavailable, running it in float32: %s: %s", type(exc).__name__, exc
+                )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Up to seven sessions share the cores; idle pools must not spin while another session runs.

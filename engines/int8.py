@@ -40,6 +40,7 @@ CALIBRATION_FILE = "correction-int8.json"
 CALIBRATION_FORMAT = "facestream-int8-calibration-1"
 PRECISIONS = ("auto", "int8", "fp32")
 QUANTIZED_OPS = ("Conv",)
+GRAPH_VERSION = "2"  # of the int8 graph made from a calibration (2: biases kept as initializers)
 
 
 class Int8Unavailable(RuntimeError):
@@ -141,6 +142,7 @@ def measure_ranges(
             return None if item is None else {k: np.ascontiguousarray(v, np.float32) for k, v in item.items()}
 
     with tempfile.TemporaryDirectory(prefix="facestream-calib") as tmp:
+        graph = constants_as_initializers(graph, Path(tmp) / "graph.onnx")
         calibrator = create_calibrator(
             Path(graph),
             list(QUANTIZED_OPS),
@@ -169,29 +171,25 @@ def quantize(graph: str | Path, ranges: Mapping[str, tuple[float, float]], out: 
         save_tensors_data,
     )
 
-    names = _conv_tensors(onnx.load(str(graph)))
-    missing = sorted(names - set(ranges))
-    if missing:
-        raise Int8Unavailable(
-            f"the int8 calibration does not fit this corrector graph ({len(missing)} of its Conv "
-            f"tensors have no range, e.g. {missing[0]!r}): run facestream train calibrate again"
-        )
     out = Path(out)
-    tensors = TensorsData(
-        CalibrationMethod.MinMax,
-        {
-            name: TensorData(lowest=np.float32(lo), highest=np.float32(hi))
-            for name, (lo, hi) in ranges.items()
-            if name in names
-        },
-    )
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".int8") as tmp:
+        plain = constants_as_initializers(graph, Path(tmp) / "graph.onnx")
+        names = _conv_tensors(onnx.load(str(plain)))
+        missing = sorted(names - set(ranges))
+        if missing:
+            raise Int8Unavailable(
+                f"the int8 calibration does not fit this corrector graph ({len(missing)} of its Conv "
+                f"tensors have no range, e.g. {missing[0]!r}): run facestream train calibrate again"
+            )
+        stored = {
+            n: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for n, (lo, hi) in ranges.items()
+        }
         cache = Path(tmp) / "ranges.json"
-        save_tensors_data(tensors, cache)
+        save_tensors_data(TensorsData(CalibrationMethod.MinMax, {n: stored[n] for n in names}), cache)
         partial = Path(tmp) / out.name
         with _quiet_root_log():
             _quantize_static()(
-                str(graph),
+                str(plain),
                 str(partial),
                 None,
                 quant_format=QuantFormat.QDQ,
@@ -212,7 +210,9 @@ def int8_correction_graph(weights: WeightSet, graph: str | Path) -> Path:
     if problem:
         raise Int8Unavailable(problem)
     path = weights.directory / CALIBRATION_FILE
-    digest = hashlib.sha256(path.read_bytes() + Path(graph).read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(
+        GRAPH_VERSION.encode() + path.read_bytes() + Path(graph).read_bytes()
+    ).hexdigest()[:12]
     out = Path(graph).with_name(f"correction_int8-{digest}.onnx")
     if not out.is_file():
         quantize(graph, {k: (v[0], v[1]) for k, v in read_calibration(path)["ranges"].items()}, out)
@@ -250,6 +250,37 @@ def resolve_precision(precision: str, weights: WeightSet, *, cpu: bool = True) -
         raise Int8Unavailable(f"int8 corrector: {problem}")
     LOG.info("corrector in float32: %s", problem)
     return "fp32"
+
+
+def constants_as_initializers(graph: str | Path, out: str | Path) -> Path:
+    """``graph`` with every Constant node, and every Identity of an initializer, made an
+    initializer of the same name (nothing else renamed). The exporter writes equal Conv biases
+    (say, all-zero ones) once and feeds the others through Identity nodes; the quantiser would
+    take those for activations, give them a zero range and leave their Convs unfused (slower
+    than float32)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph))
+    values = {t.name: t for t in model.graph.initializer}
+    kept = []
+    for node in model.graph.node:
+        tensor = None
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+        elif node.op_type == "Identity" and node.input[0] in values:
+            tensor = numpy_helper.from_array(numpy_helper.to_array(values[node.input[0]]))
+        if tensor is None:
+            kept.append(node)
+            continue
+        tensor.name = node.output[0]
+        model.graph.initializer.append(tensor)
+        values[tensor.name] = tensor
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    onnx.save(model, str(out))
+    return Path(out)
 
 
 def _conv_tensors(model: Any) -> set[str]:

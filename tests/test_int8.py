@@ -63,8 +63,14 @@ def test_int8_corrector_follows_the_float32_one(weights, pairs) -> None:
     assert resolve_precision("auto", weights) == "fp32"  # no calibration yet
     with pytest.raises(Int8Unavailable, match="facestream train calibrate"):
         resolve_precision("int8", weights)
-    _calibrated(weights, pairs)
+    ranges = read_calibration(_calibrated(weights, pairs))["ranges"]
     assert calibration_problem(weights) is None and resolve_precision("auto", weights) == "int8"
+    # ranges of activations only: the Convs' inputs and outputs, never their (shared, Identity-fed)
+    # biases, which would get a zero range and leave their Convs unfused
+    exported = onnx.load(str(cached_export(weights)["correction"])).graph
+    convs = [n for n in exported.node if n.op_type == "Conv"]
+    assert set(ranges) == {n.input[0] for n in convs} | {n.output[0] for n in convs}
+    assert all(hi > lo for lo, hi in ranges.values())
     assert resolve_precision("fp32", weights) == "fp32"
     assert resolve_precision("auto", weights, cpu=False) == "fp32"
     fp32 = create_networks(weights, "onnxruntime", threads=THREADS)
@@ -144,3 +150,16 @@ def test_shipped_calibration_fits_the_shipped_corrector(tmp_path_factory, monkey
     assert engine.describe()["correction_precision"] == "int8"
     off = ServiceEngine.load(None, "onnxruntime", "dis", THREADS, correct=False)
     assert off.describe()["correction_precision"] is None
+
+
+def test_auto_runs_float32_when_the_int8_graph_cannot_be_made(weights, pairs, monkeypatch) -> None:
+    """A read-only ONNX cache, say: ``auto`` warns and runs float32; ``int8`` says why it failed."""
+    _calibrated(weights, pairs)
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError("cache is read-only")
+
+    monkeypatch.setattr("facestream.engines.backend_onnxruntime.int8_correction_graph", unwritable)
+    assert create_networks(weights, "onnxruntime", correct_precision="auto").correct_precision == "fp32"
+    with pytest.raises(PermissionError, match="read-only"):
+        create_networks(weights, "onnxruntime", correct_precision="int8")
