@@ -163,7 +163,7 @@ def test_auto_goes_on_when_a_backend_fails_to_start(tmp_path_factory, machine, m
     }
     started: list[str] = []
 
-    def fake_create(backend, weights, threads):
+    def fake_create(backend, weights, threads, correct_precision):
         started.append(backend)
         if backend in errors:
             raise errors[backend]
@@ -184,7 +184,7 @@ def test_auto_goes_on_when_a_backend_fails_to_start(tmp_path_factory, machine, m
 def test_auto_does_not_hide_weights_errors(tmp_path_factory, machine, monkeypatch) -> None:
     machine(cuda=True, tensorrt=True)
 
-    def broken(backend, weights, threads):
+    def broken(backend, weights, threads, correct_precision):
         raise WeightsError("weights in x do not fit their network")
 
     monkeypatch.setattr(backends, "_create", broken)

@@ -11,6 +11,7 @@ import onnx
 import pytest
 from helpers import THREADS, FakeClip, clip_frames, networks, one_torch_thread, random_weights
 
+from facestream.cli import main
 from facestream.engines.backends import create_networks
 from facestream.engines.export import cached_export
 from facestream.engines.int8 import (
@@ -163,3 +164,11 @@ def test_auto_runs_float32_when_the_int8_graph_cannot_be_made(weights, pairs, mo
     assert create_networks(weights, "onnxruntime", correct_precision="auto").correct_precision == "fp32"
     with pytest.raises(PermissionError, match="read-only"):
         create_networks(weights, "onnxruntime", correct_precision="int8")
+
+
+def test_calibrate_command_needs_a_corrector(tmp_path_factory, tmp_path, capsys) -> None:
+    for path in random_weights(tmp_path_factory, without=("correction",)).paths.values():
+        shutil.copy(path, tmp_path / path.name)
+    assert main(["train", "calibrate", "--weights", str(tmp_path), "--no-progress"]) == 2
+    assert "no correction.safetensors in" in capsys.readouterr().err
+    assert not (tmp_path / CALIBRATION_FILE).exists()

@@ -51,7 +51,7 @@ def _stride_list(text: str) -> tuple[int, ...]:
     return strides
 
 
-def _common(parser: argparse.ArgumentParser, out: str) -> None:
+def _common(parser: argparse.ArgumentParser, out: str, *, resumable: bool = True) -> None:
     parser.add_argument("--manifest", default="default", help="manifest JSON or 'default' (../shared/data)")
     parser.add_argument(
         "--teacher", default=DEFAULT_TEACHER, help=f"label teacher (default: {DEFAULT_TEACHER})"
@@ -59,8 +59,12 @@ def _common(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument(
         "--labels", type=Path, help="labels cache folder (default: ~/.cache/facestream/labels)"
     )
-    parser.add_argument("--out", type=Path, default=Path(out), help=f"run folder (default: {out})")
-    parser.add_argument("--fresh", action="store_true", help="discard the run folder's checkpoint")
+    if out:
+        parser.add_argument("--out", type=Path, default=Path(out), help=f"run folder (default: {out})")
+    else:
+        parser.add_argument("--out", type=Path, help="output folder (default: the --weights folder)")
+    if resumable:
+        parser.add_argument("--fresh", action="store_true", help="discard the run folder's checkpoint")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -328,7 +332,7 @@ def _calibrate(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace]
         help="activation ranges of the int8 warp corrector (correction-int8.json) on set A pairs, "
         "judged against float32 on set B",
     )
-    _common(p, "models/weights")
+    _common(p, "", resumable=False)
     p.add_argument("--weights", type=Path, required=True, help="weights folder with correction.safetensors")
     p.add_argument("--pairs", type=int, default=256, help="random training pairs to measure ranges on")
     p.add_argument(
@@ -371,7 +375,7 @@ def _calibrate(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace]
             weights,
             pairs(args.train_set, 1),
             val,
-            args.out,
+            args.out or args.weights,
             count=args.pairs,
             seed=args.seed,
             threads=args.threads,
