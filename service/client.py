@@ -42,6 +42,7 @@ class ClientStats:
     wall_s: float = 0.0
     hello: dict[str, Any] = field(default_factory=dict)
     server_ms: list[float] = field(default_factory=list)  # the server's "total" per result
+    server_stages: list[dict[str, float]] = field(default_factory=list)  # its timings_ms per result
 
     def summary(self) -> dict[str, Any]:
         rtt = np.asarray(self.rtt_ms)
@@ -56,10 +57,22 @@ class ClientStats:
             "frames_with_face": self.faces,
             "rtt_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "max": pct(100)},
             "server_total_ms_p50": round(float(np.median(self.server_ms)), 2) if self.server_ms else None,
+            "server_stage_ms_mean": self.stage_means(),
             "processed_fps": round(self.results / self.wall_s, 2) if self.wall_s else None,
             "wall_s": round(self.wall_s, 2),
             "backend": self.hello.get("backend"),
         }
+
+    def stage_means(self) -> dict[str, float]:
+        """Mean ms per result of each server stage (0 where a result did not run it), and
+        ``waiting``: the rest of ``total`` (queues, thread hand-offs, the event loop)."""
+        if not self.server_stages:
+            return {}
+        names = sorted({k for t in self.server_stages for k in t if k != "total"})
+        means = {k: float(np.mean([t.get(k, 0.0) for t in self.server_stages])) for k in names}
+        total = float(np.mean([t.get("total", 0.0) for t in self.server_stages]))
+        means["waiting"] = total - sum(means.values())
+        return {k: round(v, 2) for k, v in means.items()}
 
 
 def encode_frames(
@@ -137,6 +150,7 @@ async def _receive(ws, stats: ClientStats, sent_at, answered, on_result) -> None
         if kind == "result":
             stats.rtt_ms.append((time.perf_counter() - sent_at[frame_id]) * 1e3)
             stats.server_ms.append(header["timings_ms"]["total"])
+            stats.server_stages.append(header["timings_ms"])
             stats.results += 1
             stats.keys += int(header["key"])
             stats.faces += int(header["face"])

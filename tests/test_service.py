@@ -23,6 +23,7 @@ from facestream.engines.dis_flow import DisFlowNetworks
 from facestream.engines.pipeline import KeyRequest, run_key_batch
 from facestream.engines.schedulers import make_scheduler
 from facestream.service.app import CLOSE_BAD_REQUEST, CLOSE_TRY_AGAIN, CLOSE_UNAUTHORIZED, create_app
+from facestream.service.client import ClientStats
 from facestream.service.codec import (
     BadFrame,
     decode_frame,
@@ -541,3 +542,23 @@ def test_engine_serves_a_policy_that_takes_cues(
     segmenter = engine.segmenter(make_scheduler("rl", 0.5))
     results = [segmenter.step(frame) for frame in clip_frames(videos_dir, count=4)]
     assert all(r.face for r in results) and all(r.value is not None for r in results[1:] if not r.key)
+
+
+def test_client_splits_the_server_time_into_stages_and_waiting() -> None:
+    stats = ClientStats(
+        server_stages=[
+            {"decode": 2.0, "flow": 8.0, "correct": 4.0, "encode": 1.0, "total": 20.0},
+            {"decode": 2.0, "key": 90.0, "detect": 20.0, "encode": 1.0, "total": 120.0},
+        ]
+    )
+    means = stats.stage_means()
+    assert means == {
+        "correct": 2.0,
+        "decode": 2.0,
+        "detect": 10.0,
+        "encode": 1.0,
+        "flow": 4.0,
+        "key": 45.0,
+        "waiting": 6.0,  # 70 ms total on average, 64 of it in the stages
+    }
+    assert ClientStats().stage_means() == {} and ClientStats().summary()["server_stage_ms_mean"] == {}
