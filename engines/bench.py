@@ -42,7 +42,7 @@ from facestream.engines.int8 import write_timing_calibration
 from facestream.engines.networks import Networks
 from facestream.engines.pipeline import FrameResult, StreamSegmenter, to_chw
 from facestream.engines.schedulers import Decision, DecisionContext, Scheduler, make_scheduler
-from facestream.engines.video import open_source
+from facestream.engines.video import MASK_PNG, open_source
 from facestream.engines.weights import WeightSet, save_network, write_random_weights
 from facestream.models.config import BACKBONES, SegmentationConfig
 
@@ -376,7 +376,7 @@ def _io_costs(frame: np.ndarray, decode_ms: list[float], repeats: int, say: Say)
     jpeg = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
     costs = {
         "decode": _stats(decode_ms),
-        "encode_png_mask": time_ms(lambda: cv2.imencode(".png", mask), repeats),
+        "encode_png_mask": time_ms(lambda: cv2.imencode(".png", mask, MASK_PNG), repeats),
         "encode_jpeg_frame": time_ms(lambda: cv2.imencode(".jpg", bgr, jpeg), repeats),
     }
     for name, stats in costs.items():

@@ -45,6 +45,15 @@ PALETTE = np.array(
 """RGB colour of each class id, shape (5, 3) uint8; row ``k`` colours class ``k``."""
 PALETTE.setflags(write=False)
 NUM_CLASSES = len(PALETTE)
+# PNG options for class-id masks: no row filter and run-length deflate. Masks are long runs of a
+# few values, so filtering buys nothing: this encodes a 640x480 mask in about a quarter of the
+# time of OpenCV's default filters, and about a third of the bytes (README, "Service benchmark").
+MASK_PNG = [
+    cv2.IMWRITE_PNG_FILTER,
+    cv2.IMWRITE_PNG_FILTER_NONE,
+    cv2.IMWRITE_PNG_STRATEGY,
+    cv2.IMWRITE_PNG_STRATEGY_RLE,
+]
 
 
 class _Closing:
@@ -354,7 +363,7 @@ class MaskWriter:
             raise ValueError(f"expected an (H,W) uint8 mask of class ids, got {got}")
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path_for(index)
-        if not cv2.imwrite(str(path), np.ascontiguousarray(mask)):
+        if not cv2.imwrite(str(path), np.ascontiguousarray(mask), MASK_PNG):
             raise OSError(f"cv2.imwrite could not write mask PNG {path}")
         return path
 

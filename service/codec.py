@@ -12,6 +12,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from facestream.engines.video import MASK_PNG
+
 BAD_FRAME_REASONS = ("empty", "too_large", "not_image", "corrupt", "too_many_pixels")
 
 
@@ -109,7 +111,7 @@ def encode_mask(mask: np.ndarray, fmt: str) -> tuple[bytes | None, dict[str, Any
     ``rle``: row-major runs in the metadata (``{"values": [...], "counts": [...]}``); ``none``.
     """
     if fmt == "png":
-        ok, buf = cv2.imencode(".png", mask, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        ok, buf = cv2.imencode(".png", mask, [cv2.IMWRITE_PNG_COMPRESSION, 1, *MASK_PNG])
         if not ok:
             raise RuntimeError("PNG encoding of the mask failed")
         return buf.tobytes(), {}
