@@ -122,12 +122,13 @@ def _scores(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def calibration_card(path: Path, info: dict[str, Any]) -> str:
+    written = json.loads(path.read_text())
     lines = [
         f"# {path.name}",
         "",
         f"**What**: {info['network']}  ",
-        f"**For**: `correction.safetensors` with sha256 `{json.loads(path.read_text())['weights_sha256']}`  ",
-        f"**Ranges**: {len(json.loads(path.read_text())['ranges'])} tensors, measured on "
+        f"**For**: `correction.safetensors` with sha256 `{written['weights_sha256']}`  ",
+        f"**Ranges**: {len(written['ranges'])} tensors, measured on "
         f"{info['calibration_pairs']} random training pairs (seed {info['seed']})",
         "",
         "## Data",
