@@ -93,9 +93,10 @@ def test_summary_reads_each_front_at_the_compared_aki() -> None:
     ]
     summary = summarise(rows, {"rl": ("rl-a", "rl-b"), "rl-a": ("rl-a",)})
     assert summary["per_frame"] == 80.0
-    assert summary["rl-a"]["30"] == pytest.approx(79.0 - 6.0 * 20 / 60)
-    assert summary["rl"]["30"] == pytest.approx(78.0 - 5.0 * 10 / 50)  # rl-b's point joins the front
-    assert summary["rl-a"]["15"] == pytest.approx(79.0 - 6.0 * 5 / 60)
+    # linear in 1/AKI: 1/30 lies (1/10 - 1/30) / (1/10 - 1/70) = 7/9 of the way from rl-a's first setting
+    assert summary["rl-a"]["30"] == pytest.approx(79.0 - 6.0 * 7 / 9)
+    assert summary["rl"]["30"] == pytest.approx(78.0 - 5.0 * 7 / 15)  # rl-b's point joins the front
+    assert summary["rl-a"]["15"] == pytest.approx(79.0 - 6.0 * 7 / 18)
 
 
 @pytest.fixture(scope="module")

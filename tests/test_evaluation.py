@@ -43,7 +43,14 @@ from facestream.training.evaluation import (
 )
 from facestream.training.manifest import ReversedClip
 from facestream.training.oracle import Oracle
-from facestream.training.sweep import at_aki, best_front, comparison, comparison_table, fixed_phase_rows
+from facestream.training.sweep import (
+    at_aki,
+    best_front,
+    comparison,
+    comparison_table,
+    fixed_phase_rows,
+    front_curve,
+)
 
 SIZE = 64
 
@@ -341,8 +348,14 @@ def test_comparison_interpolates_each_schedulers_best_curve() -> None:
         {"scheduler": "oracle", "aki": 30.0, "miou": 0.72},
     ]
     assert best_front(rows, "rl") == [(25.0, 0.68), (40.0, 0.64)]
-    assert at_aki(rows, "fixed", 20.0) == pytest.approx(0.65)
-    assert at_aki(rows, "rl", 30.0) == pytest.approx(0.68 - 0.04 / 3)
+    # linear in key ratio: 1/20 lies 3/4 of the way from 1/10 to 1/30, 1/30 lies 4/9 of the way
+    # from 1/25 to 1/40 (linear in AKI would give 1/2 and 1/3)
+    assert at_aki(rows, "fixed", 20.0) == pytest.approx(0.7 - 0.1 * 3 / 4)
+    assert at_aki(rows, "rl", 30.0) == pytest.approx(0.68 - 0.04 * 4 / 9)
+    assert at_aki(rows, "rl", 25.0) == 0.68 and at_aki(rows, "fixed", 30.0) == pytest.approx(0.6)
+    curve = front_curve(best_front(rows, "fixed"), per_segment=4)
+    assert curve[0] == (10.0, 0.7) and curve[-1] == pytest.approx((30.0, 0.6)) and len(curve) == 5
+    assert all(at_aki(rows, "fixed", a) == pytest.approx(m) for a, m in curve)
     assert at_aki(rows, "rl", 15.0) is None and at_aki(rows, "dvsnet", 20.0) is None
     [c] = comparison(rows, [30.0])
     assert c["per_frame"] == 0.8 and c["rl_share"] == pytest.approx((c["rl"] - 0.6) / (0.72 - 0.6))
@@ -357,8 +370,8 @@ def test_comparison_interpolates_each_schedulers_best_curve() -> None:
     [c] = comparison(rows, [30.0], phase_rows=phases)
     spread = c["fixed_phases"]
     assert spread["phases"] == 2  # the third never reaches AKI 30
-    assert spread["min"] == pytest.approx(0.7 - 0.1 * 2 / 3) and spread["max"] == pytest.approx(0.66)
-    assert "| 30 |" in comparison_table([c]) and "64.7 (63.3–66.0)" in comparison_table([c])
+    assert spread["min"] == pytest.approx(0.7 - 0.1 * 8 / 9) and spread["max"] == pytest.approx(0.66)
+    assert "| 30 |" in comparison_table([c]) and "63.6 (61.1–66.0)" in comparison_table([c])
 
 
 def test_fixed_phase_rows_start_with_the_fixed_sweep(table: PairTable, nets: Networks) -> None:

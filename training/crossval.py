@@ -49,7 +49,7 @@ from facestream.training.evaluation import (
     replay,
 )
 from facestream.training.manifest import Manifest, ManifestError, load_manifest, open_clips
-from facestream.training.sweep import COMPARE_AKI, at_aki, best_front, cached_values
+from facestream.training.sweep import COMPARE_AKI, at_aki, best_front, cached_values, front_curve
 
 HELD_OUT = "C"  # the set a fold manifest puts its held-out subject in
 UNUSED = "A"  # where a fold manifest puts every entry outside the cross-validated set
@@ -268,8 +268,8 @@ class CrossvalCommand:
         title = (
             f"Held-out people, pooled over {len(result['subjects'])} folds ({result['starts']} starts each)"
         )
-        figures.plot_fronts(
-            result["fronts"], result["summary"]["per_frame"], args.out / "crossval.png", title
-        )
+        curves = {n: front_curve(f) for n, f in result["fronts"].items()}
+        per_frame = result["summary"]["per_frame"]
+        figures.plot_fronts(result["fronts"], per_frame, args.out / "crossval.png", title, curves)
         print(markdown(result))
         return 0

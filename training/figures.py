@@ -192,16 +192,24 @@ def plot_curves(rows: Sequence[Row], path: str | Path, metric: str = "miou") -> 
 
 
 def plot_fronts(
-    fronts: Mapping[str, Sequence[tuple[float, float]]], per_frame: float | None, path: str | Path, title: str
+    fronts: Mapping[str, Sequence[tuple[float, float]]],
+    per_frame: float | None,
+    path: str | Path,
+    title: str,
+    curves: Mapping[str, Sequence[tuple[float, float]]] | None = None,
 ) -> Path:
-    """Each scheduler's best (AKI, mIoU %) curve (log AKI), per-frame N as a dotted line."""
+    """Each scheduler's best (AKI, mIoU %) settings (log AKI) as markers, joined by its entry in
+    ``curves`` (the interpolation between them; straight lines without it); per-frame N dotted."""
     figure, ax = plt.subplots(figsize=(7.5, 5), layout="constrained")
     styles = _styles(fronts)
     for label, points in fronts.items():
         if points:
             xs, ys = zip(*points, strict=True)
             style = styles[label]
-            ax.plot(xs, ys, marker=style["marker"], color=style["color"], markersize=4, label=_display(label))
+            ax.plot(xs, ys, linestyle="none", marker=style["marker"], color=style["color"], markersize=4)
+            line = (curves or {}).get(label) or points
+            lx, ly = zip(*line, strict=True)
+            ax.plot(lx, ly, color=style["color"], label=_display(label))
     if per_frame is not None:
         ax.axhline(per_frame, color=SPECIAL_COLORS[PER_FRAME], linestyle=":", label=_display(PER_FRAME))
     _log_axis(ax)
