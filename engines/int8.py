@@ -238,6 +238,12 @@ def write_timing_calibration(weights: WeightSet, graph: str | Path, *, seed: int
     )
 
 
+def build_precision(precision: str, correct: bool) -> str:
+    """The corrector precision to build networks with: ``fp32`` where frames skip the corrector
+    (no int8 graph to make or check)."""
+    return precision if correct else "fp32"
+
+
 def resolve_precision(precision: str, weights: WeightSet, *, cpu: bool = True) -> str:
     """``int8`` or ``fp32`` for the corrector; Int8Unavailable where int8 is asked for and cannot run."""
     check_precision(precision)

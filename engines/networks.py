@@ -68,6 +68,11 @@ class Networks(ABC):
     def has_correction(self) -> bool:
         return self.correction_config is not None
 
+    def correction_precision(self, correct: bool) -> str | None:
+        """The corrector's arithmetic where non-key frames go through it (``correct`` and the
+        weights have one), else None: what reports and ``/readyz`` show."""
+        return self.correct_precision if correct and self.has_correction else None
+
     @property
     def expert_size(self) -> int:
         """Width of the policy's expert input: KAR, LKD and the cues."""

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from facestream import __version__
 from facestream.engines.backends import create_networks
 from facestream.engines.dis_flow import DEFAULT_FLOW
+from facestream.engines.int8 import build_precision
 from facestream.engines.pipeline import FrameResult, StreamSegmenter
 from facestream.engines.report import StageStats, average_key_interval
 from facestream.engines.schedulers import make_scheduler
@@ -90,7 +91,7 @@ def run_segment(options: SegmentOptions) -> dict[str, Any]:
         flow=options.flow,
         conv6=scheduler.needs_conv6,
         dis_size=options.dis_size,
-        correct_precision=options.correct_precision if options.correct else "fp32",
+        correct_precision=build_precision(options.correct_precision, options.correct),
     )
     check_size(options.size, networks.segmentation_config.input_size)
     segmenter = StreamSegmenter(networks, scheduler, correct=options.correct)
@@ -168,9 +169,7 @@ def _report(options, weights, networks, scheduler, source, stats, counts, wall) 
         },
         "flow": options.flow,
         "correction": options.correct and networks.has_correction,
-        "correction_precision": networks.correct_precision
-        if options.correct and networks.has_correction
-        else None,
+        "correction_precision": networks.correction_precision(options.correct),
         "flow_input_size": networks.flow_input_size,
         "weights": {"dir": str(weights.directory), "sha256": weights.hashes()},
         "stages_ms": summary,

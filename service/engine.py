@@ -15,6 +15,7 @@ import numpy as np
 
 from facestream.engines.backends import create_chosen_networks
 from facestream.engines.dis_flow import DisFlowNetworks
+from facestream.engines.int8 import build_precision
 from facestream.engines.networks import Networks
 from facestream.engines.pipeline import StreamSegmenter
 from facestream.engines.schedulers import SCHEDULERS, Scheduler, check_scheduler, make_scheduler
@@ -55,15 +56,13 @@ class ServiceEngine:
             flow=flow,
             conv6=True,
             dis_size=dis_size,
-            correct_precision=correct_precision if correct else "fp32",
+            correct_precision=build_precision(correct_precision, correct),
         )
         log.info("%s", choice.describe())
         engine = cls.around(found, networks, flow)
         engine.correct = correct
         engine.info["backend_choice"] = choice.to_json()
-        engine.info["correction_precision"] = (
-            networks.correct_precision if correct and networks.has_correction else None
-        )
+        engine.info["correction_precision"] = networks.correction_precision(correct)
         engine.info["load_seconds"] = round(time.perf_counter() - start, 3)
         return engine
 
