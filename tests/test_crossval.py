@@ -15,8 +15,10 @@ from facestream.engines.schedulers import make_scheduler
 from facestream.training import figures
 from facestream.training.crossval import (
     Fold,
+    bootstrap_table,
     fold_manifests,
     fold_settings,
+    people_bootstrap,
     pool,
     pooled_thresholds,
     summarise,
@@ -75,6 +77,41 @@ def test_pool_sums_confusions_keys_and_frames_over_folds() -> None:
     assert r["aki"] == pytest.approx(30 / 8)
     # pooled: class 0 IoU 10 / 20, class 1 IoU 0 / 10, the other classes absent (not averaged)
     assert r["miou"] == pytest.approx(100 * (0.5 + 0.0) / 2)
+
+
+def _person(fixed_errors: int, rl_errors: int, frames: int = 900) -> dict[str, tuple[np.ndarray, int, int]]:
+    """One held-out person: fixed and rl at AKI 10 and 90; each setting's mIoU is 100 / (100 + errors)."""
+
+    def setting(errors: int, aki: int) -> tuple[np.ndarray, int, int]:
+        confusion = np.zeros((5, 5), np.int64)
+        confusion[0, 0] = confusion[1, 1] = 100
+        confusion[0, 1] = errors  # class 0 and class 1 IoU both 100 / (100 + errors)
+        return confusion, frames // aki, frames
+
+    return {
+        "fixed/10": setting(fixed_errors, 10),
+        "fixed/90": setting(fixed_errors + 10, 90),
+        "rl/tau0.5": setting(rl_errors, 10),
+        "rl/tau0.9": setting(rl_errors + 10, 90),
+    }
+
+
+def test_people_bootstrap_reads_rls_lead_over_redrawn_people() -> None:
+    groups = {"fixed": ("fixed",), "rl": ("rl",)}
+    # RL better for every person: it leads in every draw
+    always = people_bootstrap([_person(20, 10), _person(30, 5), _person(25, 15)], groups, draws=200)
+    for entry in always["fixed"].values():
+        assert entry["lead"] > 0 and entry["low"] > 0 and entry["rl_ahead"] == 1.0 and entry["draws"] == 200
+    # the same person three times: every draw pools the same rows, so the interval is the lead
+    same = people_bootstrap([_person(20, 10)] * 3, groups, draws=50)["fixed"]["30"]
+    assert same["low"] == pytest.approx(same["lead"]) and same["high"] == pytest.approx(same["lead"])
+    # RL ahead for one person, far behind for another: draws disagree
+    mixed = people_bootstrap([_person(20, 10), _person(10, 60)], groups, draws=400)["fixed"]["30"]
+    assert 0.0 < mixed["rl_ahead"] < 1.0 and mixed["low"] < 0 < mixed["high"]
+    both = summarise(pool([_person(20, 10), _person(10, 60)]), groups)
+    assert mixed["lead"] == pytest.approx(both["rl"]["30"] - both["fixed"]["30"])
+    table = bootstrap_table({"fixed": {"15": mixed, "30": mixed, "60": mixed}}, 2, 400)
+    assert "| fixed |" in table and "400 draws of 2 people" in table and f"{mixed['lead']:+.2f}" in table
 
 
 def test_thresholds_are_quantiles_of_every_fold_together() -> None:

@@ -185,6 +185,45 @@ def summarise(rows: Sequence[dict[str, Any]], groups: dict[str, Sequence[str]]) 
     return out
 
 
+def people_bootstrap(
+    per_fold: Sequence[dict[str, tuple[np.ndarray, int, int]]],
+    groups: dict[str, Sequence[str]],
+    draws: int = 2000,
+    seed: int = 0,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """RL's lead over each baseline (points of mIoU) at COMPARE_AKI when the held-out people are
+    drawn again with replacement, ``draws`` times, and pooled as :func:`evaluate_folds` pools
+    them (thresholds and trained networks as they are: only the choice of people varies).
+
+    Per baseline and AKI: ``lead`` (all people once), ``low``/``high`` (the 5 and 95 % points of
+    the drawn leads), ``rl_ahead`` (the share of draws where RL leads) and ``draws`` (those
+    where both fronts reach the AKI)."""
+    rng = np.random.default_rng(seed)
+    baselines = [name for name in ("fixed", *THRESHOLDED) if name in groups]
+    leads: dict[str, dict[str, list[float]]] = {b: {f"{a:g}": [] for a in COMPARE_AKI} for b in baselines}
+    for _ in range(draws):
+        drawn = summarise(pool([per_fold[i] for i in rng.integers(0, len(per_fold), len(per_fold))]), groups)
+        for b in baselines:
+            for aki, values in leads[b].items():
+                if drawn["rl"][aki] is not None and drawn[b][aki] is not None:
+                    values.append(drawn["rl"][aki] - drawn[b][aki])
+    observed = summarise(pool(per_fold), groups)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for b in baselines:
+        out[b] = {}
+        for aki, values in leads[b].items():
+            seen = observed["rl"][aki] is not None and observed[b][aki] is not None
+            spread = np.array(values)
+            out[b][aki] = {
+                "lead": observed["rl"][aki] - observed[b][aki] if seen else None,
+                "low": float(np.quantile(spread, 0.05)) if len(spread) else None,
+                "high": float(np.quantile(spread, 0.95)) if len(spread) else None,
+                "rl_ahead": float(np.mean(spread > 0)) if len(spread) else None,
+                "draws": len(spread),
+            }
+    return out
+
+
 def evaluate_folds(
     runs: Path,
     weights_dir: Path | None,
@@ -192,6 +231,7 @@ def evaluate_folds(
     starts: int,
     start_step: int,
     rl_names: Sequence[str] = (),
+    draws: int = 2000,
 ) -> dict[str, Any]:
     """Pooled held-out results of every fold in ``runs``; the ``rl`` front is the policies named
     ``rl_names`` (folder names; default all), each policy also has its own (``rl-<name>``)."""
@@ -214,8 +254,10 @@ def evaluate_folds(
     summary = summarise(rows, groups)
     fronts = {n: best_front(_merged(rows, n, m), n) for n, m in groups.items()}
     by_fold = {f.subject: summarise(pool([s]), groups) for f, s in zip(folds, per_fold, strict=True)}
+    bootstrap = people_bootstrap(per_fold, groups, draws) if draws else {}
     return {"subjects": subjects, "starts": starts, "start_step": start_step, "summary": summary,
-            "by_fold": by_fold, "fronts": fronts, "thresholds": thresholds, "rows": rows}  # fmt: skip
+            "by_fold": by_fold, "fronts": fronts, "thresholds": thresholds, "bootstrap": bootstrap,
+            "bootstrap_draws": draws, "rows": rows}  # fmt: skip
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -228,7 +270,34 @@ def markdown(result: dict[str, Any]) -> str:
         if name != "per_frame":
             lines.append(f"| {name} | " + " | ".join(pct(values[a]) for a in akis) + " |")
     lines.append(f"| per-frame N | {pct(result['summary']['per_frame'])} | | |")
+    if result.get("bootstrap"):
+        lines += [
+            "",
+            bootstrap_table(result["bootstrap"], len(result["subjects"]), result["bootstrap_draws"]),
+        ]
     return "\n".join(lines) + "\n"
+
+
+def bootstrap_table(bootstrap: dict[str, dict[str, dict[str, Any]]], people: int, draws: int) -> str:
+    """Markdown: RL's lead over each baseline, its 90 % interval over redrawn people and how often
+    RL leads."""
+
+    def cell(entry: dict[str, Any]) -> str:
+        if entry["lead"] is None or entry["low"] is None:
+            return "—"
+        interval = f"{entry['low']:+.2f} … {entry['high']:+.2f}"
+        return f"{entry['lead']:+.2f} ({interval}; ahead in {entry['rl_ahead']:.0%})"
+
+    akis = [f"{a:g}" for a in COMPARE_AKI]
+    lines = [
+        f"RL's lead in mIoU points over each baseline; in brackets the 5–95 % range over {draws} draws "
+        f"of {people} people with replacement, and the share of draws where RL leads.",
+        "",
+        "| RL minus | " + " | ".join(f"AKI {a}" for a in akis) + " |",
+        "|---|" + "---:|" * len(akis),
+    ]
+    lines += [f"| {b} | " + " | ".join(cell(v[a]) for a in akis) + " |" for b, v in bootstrap.items()]
+    return "\n".join(lines)
 
 
 class CrossvalCommand:
@@ -249,6 +318,9 @@ class CrossvalCommand:
         e.add_argument("--start-step", type=int, default=8)
         e.add_argument("--out", type=Path, default=Path("runs/cv/evaluation"))
         e.add_argument("--rl", default="", help="policy folders that make the rl front (default: all)")
+        e.add_argument(
+            "--bootstrap", type=int, default=2000, help="draws of the held-out people for RL's lead (0: none)"
+        )
 
     def run(self, args: argparse.Namespace) -> int:
         try:
@@ -258,7 +330,9 @@ class CrossvalCommand:
                     print(fold.save(args.runs / f"m-{subject}.json"))
                 return 0
             names = [n for n in args.rl.split(",") if n]
-            result = evaluate_folds(args.runs, args.weights, args.cache, args.starts, args.start_step, names)
+            result = evaluate_folds(
+                args.runs, args.weights, args.cache, args.starts, args.start_step, names, args.bootstrap
+            )
         except (ManifestError, WeightsError, OSError, ValueError) as exc:
             print(f"facestream crossval: error: {exc}", file=sys.stderr)
             return 2
