@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -289,7 +290,7 @@ def front_curve(front: Sequence[tuple[float, float]], per_segment: int = 16) -> 
     """``front`` with points added along each segment as :func:`at_aki` interpolates it (linear in
     1/AKI), for drawing."""
     out = list(front[:1])
-    for (a0, m0), (a1, m1) in zip(front, front[1:], strict=False):
+    for (a0, m0), (a1, m1) in pairwise(front):
         for s in np.linspace(0.0, 1.0, per_segment + 1)[1:]:
             ratio = (1 - s) / a0 + s / a1
             out.append((1.0 / ratio, (1 - s) * m0 + s * m1))
