@@ -41,7 +41,7 @@ from facestream.training.evaluation import (
     per_class_iou,
     replay,
 )
-from facestream.training.manifest import ReversedClip
+from facestream.training.manifest import MirroredClip, ReversedClip
 from facestream.training.oracle import Oracle
 from facestream.training.sweep import (
     at_aki,
@@ -401,6 +401,35 @@ def test_reversed_clip_plays_the_clip_backwards(clip: FakeClip, table: PairTable
     assert (
         reversed_table.valid[6, 1] and not reversed_table.valid[5, 1]
     )  # frame 4 (9 of the clip) is unscored
+
+
+def test_mirrored_clip_flips_frames_labels_and_squares(
+    clip: FakeClip, table: PairTable, nets: Networks
+) -> None:
+    """MirroredClip (train policy --mirror): every frame, label and face square flipped left to
+    right, so the square still sits on the flipped face; twice mirrored is the clip itself; its
+    pair table scores the same pairs, under its own cache key."""
+    mirror = MirroredClip(clip)
+    frames = list(clip.frames())
+    width = frames[0].shape[1]
+    assert mirror.clip_id == "fake@mirror" and mirror.meta is None and mirror.labelled == clip.labelled
+    assert all((m == f[:, ::-1]).all() for m, f in zip(mirror.frames(), frames, strict=True))
+    for i in (0, 7):
+        label, box = mirror.label(i), mirror.box(i)
+        assert box is not None and (label == clip.label(i)[:, ::-1]).all()
+        assert box == Box(width - clip.box(i).x1, clip.box(i).y0, width - clip.box(i).x0, clip.box(i).y1)
+        face = np.nonzero(label == 1)[1]  # the skin ellipse's columns: centred in the square
+        assert (face.min() + face.max() + 1) / 2 == pytest.approx((box.x0 + box.x1) / 2, abs=1.0)
+    twice = MirroredClip(MirroredClip(clip))
+    assert all((t == f).all() for t, f in zip(twice.frames(), frames, strict=True))
+    assert twice.box(3) == clip.box(3) and (twice.label(3) == clip.label(3)).all()
+    both = MirroredClip(ReversedClip(clip))
+    assert both.clip_id == "fake@rev@mirror" and (both.label(0) == clip.label(len(frames) - 1)[:, ::-1]).all()
+    mirrored_table = build_pair_table(mirror, nets, EvalConfig(max_gap=4, batch=3), progress=False)
+    assert (mirrored_table.scored == table.scored).all() and (mirrored_table.valid == table.valid).all()
+    # the flipped square cuts the flipped label: every class covers the same pixels of each crop
+    counts, mirrored_counts = table.confusion[:, 0].sum(axis=2), mirrored_table.confusion[:, 0].sum(axis=2)
+    np.testing.assert_allclose(mirrored_counts, counts, rtol=0.02, atol=2)
 
 
 def test_table_from_a_later_start_keys_and_scores_only_from_there(table: PairTable, nets: Networks) -> None:

@@ -341,6 +341,42 @@ class ReversedClip:
         return self._clip.box(len(self._all()) - 1 - index)
 
 
+class MirroredClip:
+    """A clip mirrored left to right (``<id>@mirror``): frames, labels and face squares flipped
+    horizontally. The classes have no left and right, and a mirrored face moves as a face does, so
+    the scheduler training sets can learn from twice the video again
+    (``facestream train policy --mirror``)."""
+
+    def __init__(self, clip: Clip) -> None:
+        self.clip_id = f"{clip.clip_id}@mirror"
+        self._clip = clip
+        self._width: int | None = None
+        meta = getattr(clip, "meta", None)
+        self.meta = None if meta is None else {**meta, "mirrored": True}  # the pair-table cache key
+
+    def frames(self) -> Iterator[np.ndarray]:
+        for rgb in self._clip.frames():
+            self._width = rgb.shape[1]
+            yield np.ascontiguousarray(rgb[:, ::-1])
+
+    @property
+    def labelled(self) -> list[int]:
+        return self._clip.labelled
+
+    def label(self, index: int) -> np.ndarray:
+        label = self._clip.label(index)
+        self._width = label.shape[1]
+        return np.ascontiguousarray(label[:, ::-1])
+
+    def box(self, index: int) -> Box | None:
+        box = self._clip.box(index)
+        if box is None:
+            return None
+        if self._width is None:  # the frame width, from the label's
+            self._width = self._clip.label(index).shape[1]
+        return Box(self._width - box.x1, box.y0, self._width - box.x0, box.y1)
+
+
 class MaskClip:
     """A 300VW-Mask video: its images are already face crops, so the crop box is the whole image.
 

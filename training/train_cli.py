@@ -13,6 +13,7 @@ from facestream.models.config import POLICY_CUES, check_cues
 from facestream.training.manifest import (
     DEFAULT_TEACHER,
     ManifestError,
+    MirroredClip,
     ReversedClip,
     load_manifest,
     open_clips,
@@ -413,6 +414,11 @@ def _tables_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also learn from every clip of the set played backwards (twice the tables)",
     )
+    parser.add_argument(
+        "--mirror",
+        action="store_true",
+        help="also learn from every clip mirrored left to right (twice the tables again)",
+    )
     add_correct_argument(parser)
 
 
@@ -428,6 +434,8 @@ def _pair_tables(args: argparse.Namespace) -> tuple[list, str]:
     clips = open_clips(manifest, args.set, teacher=args.teacher, labels_dir=args.labels, progress=progress)
     if args.reverse:
         clips += [ReversedClip(c) for c in clips]
+    if args.mirror:
+        clips += [MirroredClip(c) for c in clips]
     config = EvalConfig(max_gap=args.max_gap, track=not args.no_track, correct=args.correct)
     fingerprint = pair_fingerprint(weights, config)
     corrected = args.correct and networks.has_correction
@@ -438,6 +446,7 @@ def _pair_tables(args: argparse.Namespace) -> tuple[list, str]:
         + ("; warped frames through the warp corrector" if corrected else "")
         + ("; key squares held" if args.no_track else "; non-key crops follow the face")
         + ("; every clip also played backwards" if args.reverse else "")
+        + ("; every clip also mirrored left to right" if args.mirror else "")
     )
     return tables, source
 
