@@ -58,12 +58,15 @@ train-all: teacher-mediapipe ## reproduce models/weights from scratch (about 3 h
 	$(BIN)/facestream train calibrate --weights models/weights --out models/weights --threads 2
 	# the shipped DVSNet head and policies learnt from set-B tables warped without the corrector
 	# (--no-correct); it changes their inputs only through where the tracked non-key crop lies.
-	# Trained on corrected tables instead, both were worse on set B (README, "Where RL stands")
-	$(BIN)/facestream train dvsnet --weights models/weights --out $(RUNS)/dvsnet --threads 2 --no-correct
-	$(BIN)/facestream train ship --runs $(RUNS) --out models/weights  # the policies start from this DVSNet head
+	# Trained on corrected tables instead, both were worse on set B (README, "Where RL stands").
+	# The DVSNet baseline learns from B played forwards and backwards (--reverse), as the policies
+	# do (better on B than forwards only); the policies' fixed trunk starts from a head trained on
+	# B forwards only (dvsnet-trunk), the shipped policies' recipe
+	$(BIN)/facestream train dvsnet --weights models/weights --out $(RUNS)/dvsnet-trunk --threads 2 --no-correct
+	$(BIN)/facestream train dvsnet --weights models/weights --out $(RUNS)/dvsnet --threads 2 --no-correct --reverse
 	for eta in $(ETAS); do \
 		$(BIN)/facestream train policy --weights models/weights --eta $$eta --episodes 4800 \
-			--init-trunk models/weights/dvsnet.safetensors --freeze-trunk --cues residual_face,residual_parts --reverse --no-correct \
+			--init-trunk $(RUNS)/dvsnet-trunk/dvsnet.safetensors --freeze-trunk --cues residual_face,residual_parts --reverse --no-correct \
 			--out $(RUNS)/policy-eta$$eta --threads 2 || exit 1; \
 	done
 	$(BIN)/facestream train ship --runs $(RUNS) --out models/weights --etas "$$(echo $(ETAS) | tr ' ' ,)"
@@ -79,14 +82,15 @@ evaluate-shipped: ## the set-C evaluation of the shipped weights -> docs/evaluat
 CV = $(RUNS)/cv
 CV_POLICY = --episodes 4800 --freeze-trunk --cues residual_face,residual_parts --reverse --no-correct --threads 2
 
-crossval-B: ## leave-one-person-out CV of the schedulers on set B (DVSNet head + eta policies per fold; about 2 h) -> docs/evaluation-cv
+crossval-B: ## leave-one-person-out CV of the schedulers on set B (two DVSNet heads + eta policies per fold; about 2 h) -> docs/evaluation-cv
 	$(BIN)/facestream crossval manifests --set B --runs $(CV)
 	for m in $(CV)/m-*.json; do \
 		k=$$(basename $$m .json); k=$${k#m-}; \
-		$(BIN)/facestream train dvsnet --manifest $$m --weights models/weights --out $(CV)/$$k/dvsnet --threads 2 --no-correct || exit 1; \
+		$(BIN)/facestream train dvsnet --manifest $$m --weights models/weights --out $(CV)/$$k/dvsnet-trunk --threads 2 --no-correct || exit 1; \
+		$(BIN)/facestream train dvsnet --manifest $$m --weights models/weights --out $(CV)/$$k/dvsnet --threads 2 --no-correct --reverse || exit 1; \
 		for eta in $(ETAS); do \
 			$(BIN)/facestream train policy --manifest $$m --weights models/weights --eta $$eta \
-				--init-trunk $(CV)/$$k/dvsnet/dvsnet.safetensors $(CV_POLICY) --out $(CV)/$$k/eta$$eta || exit 1; \
+				--init-trunk $(CV)/$$k/dvsnet-trunk/dvsnet.safetensors $(CV_POLICY) --out $(CV)/$$k/eta$$eta || exit 1; \
 		done; \
 	done
 	$(BIN)/facestream crossval evaluate --runs $(CV) --cache $(RUNS)/pairs-cv --out docs/evaluation-cv
