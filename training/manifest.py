@@ -356,7 +356,6 @@ class MirroredClip:
 
     def frames(self) -> Iterator[np.ndarray]:
         for rgb in self._clip.frames():
-            self._width = rgb.shape[1]
             yield np.ascontiguousarray(rgb[:, ::-1])
 
     @property
@@ -364,15 +363,13 @@ class MirroredClip:
         return self._clip.labelled
 
     def label(self, index: int) -> np.ndarray:
-        label = self._clip.label(index)
-        self._width = label.shape[1]
-        return np.ascontiguousarray(label[:, ::-1])
+        return np.ascontiguousarray(self._clip.label(index)[:, ::-1])
 
     def box(self, index: int) -> Box | None:
         box = self._clip.box(index)
         if box is None:
             return None
-        if self._width is None:  # the frame width, from the label's
+        if self._width is None:  # the frame width (a clip's frames share it), from a label
             self._width = self._clip.label(index).shape[1]
         return Box(self._width - box.x1, box.y0, self._width - box.x0, box.y1)
 
