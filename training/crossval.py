@@ -190,6 +190,7 @@ def people_bootstrap(
     groups: dict[str, Sequence[str]],
     draws: int = 2000,
     seed: int = 0,
+    observed: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """RL's lead over each baseline (points of mIoU) at COMPARE_AKI when the held-out people are
     drawn again with replacement, ``draws`` times, and pooled as :func:`evaluate_folds` pools
@@ -197,7 +198,8 @@ def people_bootstrap(
 
     Per baseline and AKI: ``lead`` (all people once), ``low``/``high`` (the 5 and 95 % points of
     the drawn leads), ``rl_ahead`` (the share of draws where RL leads) and ``draws`` (those
-    where both fronts reach the AKI)."""
+    where both fronts reach the AKI). ``observed`` is :func:`summarise` of all people once, where
+    the caller has it already."""
     rng = np.random.default_rng(seed)
     baselines = [name for name in ("fixed", *THRESHOLDED) if name in groups]
     leads: dict[str, dict[str, list[float]]] = {b: {f"{a:g}": [] for a in COMPARE_AKI} for b in baselines}
@@ -207,7 +209,8 @@ def people_bootstrap(
             for aki, values in leads[b].items():
                 if drawn["rl"][aki] is not None and drawn[b][aki] is not None:
                     values.append(drawn["rl"][aki] - drawn[b][aki])
-    observed = summarise(pool(per_fold), groups)
+    if observed is None:
+        observed = summarise(pool(per_fold), groups)
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for b in baselines:
         out[b] = {}
@@ -254,7 +257,7 @@ def evaluate_folds(
     summary = summarise(rows, groups)
     fronts = {n: best_front(_merged(rows, n, m), n) for n, m in groups.items()}
     by_fold = {f.subject: summarise(pool([s]), groups) for f, s in zip(folds, per_fold, strict=True)}
-    bootstrap = people_bootstrap(per_fold, groups, draws) if draws else {}
+    bootstrap = people_bootstrap(per_fold, groups, draws, observed=summary) if draws else {}
     return {"subjects": subjects, "starts": starts, "start_step": start_step, "summary": summary,
             "by_fold": by_fold, "fronts": fronts, "thresholds": thresholds, "bootstrap": bootstrap,
             "bootstrap_draws": draws, "rows": rows}  # fmt: skip
