@@ -136,9 +136,13 @@ class PolicyConfig:
     # 1, sigmoid: the warped frame's expected mIoU), meant to be copied from a trained DVSNet head
     # with Conv0/FC0 (``--init-trunk``); FC3 then sees [FC2, quality, KAR, LKD, cues]. 0: none.
     quality_size: int = 0
+    # Not in the paper: a seed ensemble. ``members`` policies trained alike on one frozen trunk
+    # (Conv0/FC0, shared) with their own FC1-FC3; pi(a1 | s) is the mean of theirs. 1: one policy.
+    members: int = 1
 
     def __post_init__(self) -> None:
         _check(len(self.fc_sizes) == 3, f"fc_sizes needs 3 sizes, got {self.fc_sizes}")
+        _check(self.members >= 1, f"members must be >= 1, got {self.members}")
         _check(self.quality_size >= 0, f"quality_size must be >= 0, got {self.quality_size}")
         _check(self.window > 0, f"window must be positive, got {self.window}")
         object.__setattr__(self, "cues", check_cues(self.cues))  # JSON round trips give lists

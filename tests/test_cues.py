@@ -3,6 +3,7 @@ takes them (model, ONNX export, pipeline and offline replay all feed it the same
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from facestream.engines.cues import (
 from facestream.engines.networks import FlowResult
 from facestream.engines.pipeline import StreamSegmenter
 from facestream.engines.schedulers import DecisionContext, DecisionHistory, RLScheduler, mean_flow_magnitude
-from facestream.engines.weights import load_network, save_network
+from facestream.engines.weights import find_weights, load_network, save_network
 from facestream.models import KeyPolicy
 from facestream.models.config import PolicyConfig
 
@@ -233,3 +234,30 @@ def test_pipeline_feeds_a_cue_policy_its_cues(
     for _ in range(2):
         still.step(frame)
     assert plain and plain[0].shape == (1, 2)
+
+
+def test_onnx_export_of_a_seed_ensemble_matches_torch(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A seed-ensemble policy (PolicyConfig.members) exports to ONNX and runs in the pipeline's
+    backends with the mean of its members' pi."""
+    base = random_weights(tmp_path_factory, policy_cues=CUES[:3])
+    for path in base.paths.values():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    single = load_network(base.paths["policy"])
+    torch.manual_seed(2)
+    ensemble = KeyPolicy(dataclasses.replace(single.config, members=3))
+    save_network(ensemble, tmp_path / "policy.safetensors", {"trained": False})
+    weights = find_weights(tmp_path)
+    ort_nets = build_networks(tmp_path_factory, weights, "onnxruntime", cache=tmp_path / "cache")
+    with one_torch_thread():
+        torch_nets = build_networks(tmp_path_factory, weights, "torch")
+    six = ort_nets.flow_config
+    rng = np.random.default_rng(0)
+    conv6 = rng.normal(size=(3, six.conv6_channels, six.conv6_size, six.conv6_size)).astype(np.float32)
+    expert = rng.uniform(0, 1, (3, 5)).astype(np.float32)
+    got = ort_nets.key_probability(conv6, expert)
+    np.testing.assert_allclose(got, torch_nets.key_probability(conv6, expert), atol=1e-4)
+    with torch.no_grad():
+        logits = ensemble.member_logits(ensemble.trunk(torch.from_numpy(conv6)), torch.from_numpy(expert))
+    np.testing.assert_allclose(got, torch.softmax(logits, dim=2)[..., 1].mean(dim=0).numpy(), atol=1e-4)

@@ -25,6 +25,9 @@ from facestream.engines.cues import CUES, RELATIVE_FLOOR
 from facestream.engines.face import Box
 from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.schedulers import make_scheduler
+from facestream.engines.weights import load_network, save_network
+from facestream.models import KeyPolicy
+from facestream.models.config import PolicyConfig
 from facestream.training.evaluation import (
     FIXED_GRID,
     EvalConfig,
@@ -202,6 +205,43 @@ def test_policy_replay_matches_the_network(
         conv6 = table.conv6[i, gap][None].astype(np.float32)
         expected = float(nets.key_probability(conv6, expert)[0])
         assert policy.probability("fake", i, gap, expert) == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"quality_size": 6}, {"members": 3}, {"members": 2, "cues": (CUES[0], CUES[4])}],
+    ids=["quality", "ensemble", "ensemble-cues"],
+)
+def test_policy_replay_matches_other_policy_shapes(table: PairTable, tmp_path: Path, extra: dict) -> None:
+    """The replay's per-decision shortcut (trunk once, FC3 linear in the expert row) gives the
+    network's own pi for a policy with a quality branch (FC3's expert weights sit after it) and
+    for seed ensembles (the mean of the members' sigmoids)."""
+    torch.manual_seed(1)
+    six = table.conv6.shape[2:]
+    config = PolicyConfig(in_channels=six[0], conv6_size=six[1], fc_sizes=(32, 32, 8), **extra)
+    policy = KeyPolicy(config).eval()
+    with torch.no_grad():  # logits far from 0 on some inputs: the members must disagree somewhere
+        for layer in (policy.fc3, *(m.fc3 for m in policy.others)):
+            layer.weight.mul_(8.0)
+    path = save_network(policy, tmp_path / "policy.safetensors", {"eta": 0.06})
+    policy = load_network(path)
+    replay_ = PolicyReplay(path, [table])
+    assert replay_.members == config.members and replay_.eta == 0.06
+    rng = np.random.default_rng(0)
+    seen = []
+    for i, gap in [(3, 1), (7, 4), (12, 2), (5, 3)]:
+        expert = rng.uniform(0, 1, (1, config.expert_size)).astype(np.float32)
+        if config.cues:  # the static cue as the table has it (the replay takes those from there)
+            expert[0, 2] = table.cues(config.cues[:1])[i, gap, 0]
+        with torch.no_grad():
+            want = float(
+                policy.key_probability(
+                    torch.from_numpy(table.conv6[i, gap][None].astype(np.float32)), torch.from_numpy(expert)
+                )[0]
+            )
+        seen.append(want)
+        assert replay_.probability("fake", i, gap, expert) == pytest.approx(want, abs=1e-5)
+    assert max(seen) - min(seen) > 0.05
 
 
 def test_policy_replay_folds_in_the_cues(table: PairTable, tmp_path_factory: pytest.TempPathFactory) -> None:

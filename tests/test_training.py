@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import FakeClip, clip_frames, one_torch_thread
 
+from facestream.cli import main
 from facestream.engines.cues import RELATIVE_FLOOR
 from facestream.engines.weights import (
     find_weights,
@@ -30,6 +31,7 @@ from facestream.training.train_policy import (
     DVSNetTrainConfig,
     PolicyTrainConfig,
     PolicyTrainer,
+    ensemble_policies,
     faster,
     init_trunk_from_dvsnet,
     policy_config_for,
@@ -464,6 +466,61 @@ def test_reinforce_learns_from_a_cue(tmp_path: Path) -> None:
     with torch.no_grad():
         calm, moving = policy.key_probability(conv6, expert).tolist()
     assert moving > calm
+
+
+def test_seed_ensemble_of_policies_on_one_frozen_trunk(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``facestream train policy-ensemble``: members trained alike on one frozen trunk become one
+    file whose pi is the mean of theirs; members on other trunks, etas or alone are refused."""
+    tables = _tables(flag="cue")
+    head = DVSNetHead(DVSNetConfig(in_channels=8, conv6_size=2))
+    trunk = save_network(head, tmp_path / "dvsnet.safetensors", {"trained": False})
+    runs = {}
+    with one_torch_thread():
+        for name, changes in {
+            "s0": {"seed": 0},
+            "s1": {"seed": 1},
+            "eta": {"seed": 2, "eta": 0.2},
+            "own": {"seed": 3, "freeze_trunk": False},
+        }.items():
+            settings = {"freeze_trunk": True, **changes}
+            config = _small_reinforce(
+                episodes=16, cues=("residual_parts",), init_trunk=str(trunk), **settings
+            )
+            runs[name] = train_policy(config, tables, tmp_path / name, progress=False)
+    assert (
+        main(
+            [
+                "train",
+                "policy-ensemble",
+                "--member",
+                str(tmp_path / "s0"),
+                "--member",
+                str(runs["s1"]),
+                "--out",
+                str(tmp_path / "ens"),
+            ]
+        )
+        == 0
+    )
+    assert "2 members" in capsys.readouterr().out
+    ensemble = load_network(tmp_path / "ens" / "policy.safetensors")
+    members = [load_network(runs[n]) for n in ("s0", "s1")]
+    assert isinstance(ensemble, KeyPolicy) and ensemble.config.members == 2 and len(ensemble.others) == 1
+    conv6, expert = torch.randn(6, 8, 2, 2), torch.rand(6, 3)
+    with torch.no_grad():
+        single = [m.key_probability(conv6, expert) for m in members]
+        assert not torch.allclose(single[0], single[1], atol=1e-3)
+        torch.testing.assert_close(ensemble.key_probability(conv6, expert), (single[0] + single[1]) / 2)
+    card = json.loads(read_metadata(tmp_path / "ens" / "policy.safetensors")["card"])
+    assert card["eta"] == 0.1 and [m["seed"] for m in card["members"]] == [0, 1]
+    assert card["train"]["seed"] == [0, 1] and "ensemble of 2" in card["network"]
+    for other, match in (("eta", "eta"), ("own", "differ")):
+        with pytest.raises(ValueError, match=match):
+            ensemble_policies([runs["s0"], runs[other]], tmp_path / f"bad-{other}")
+    with pytest.raises(ValueError, match="at least two"):
+        ensemble_policies([runs["s0"]], tmp_path / "bad")
+    with pytest.raises(ValueError, match="single"):
+        ensemble_policies([tmp_path / "ens", runs["s0"]], tmp_path / "bad")
 
 
 def test_rollouts_feed_relative_cues_against_each_trajectorys_earlier_residuals() -> None:

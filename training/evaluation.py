@@ -437,7 +437,9 @@ class PolicyReplay:
     """A trained key policy answered from cached Conv6 features (and cues): the trunk runs once
     per pair, FC3 per decision (``pi(a1) = sigmoid(a + w_KAR * KAR + w_LKD * LKD/window +
     sum_r w_r * r)``, where ``a`` holds the trunk's and the per-pair cues' part and ``r`` runs
-    over the relative cues, which depend on the decisions so far)."""
+    over the relative cues, which depend on the decisions so far). For a seed ensemble
+    (``PolicyConfig.members`` > 1), ``a`` and the weights are per member and pi(a1) is the mean
+    of the members' sigmoids."""
 
     def __init__(self, path: Path, tables: Sequence[PairTable]) -> None:
         self.path = path
@@ -447,18 +449,24 @@ class PolicyReplay:
         card = json.loads(read_metadata(path).get("card", "{}"))
         self.eta: float | None = card.get("eta")
         self.cues = policy.config.cues
-        self._w_expert = policy.expert_weights().double().numpy()
+        self.members = policy.config.members
+        members = range(self.members)
+        self._w_expert = torch.stack([policy.expert_weights(m) for m in members]).double().numpy()
         self._relative = [n for n, c in enumerate(self.cues) if c in RELATIVE_CUES]
-        self._w_relative = np.zeros(0)
+        self._w_relative = np.zeros((self.members, 0))
         if self._relative:  # FC3 sees (cue - mean) * scale, so a raw cue's weight is w * scale
             scale = policy.cue_scale.double().numpy()[self._relative]
-            self._w_relative = policy.cue_weights().double().numpy()[self._relative] * scale
+            weights = torch.stack([policy.cue_weights(m) for m in members]).double().numpy()
+            self._w_relative = weights[:, self._relative] * scale
+        if self.members == 1:  # scalars per decision: the replay's inner loop
+            self._w_expert, self._w_relative = self._w_expert[0], self._w_relative[0]
         self.base = once_per_source(tables, lambda t: self._base(policy, t))
 
     @torch.inference_mode()
     def _base(self, policy: KeyPolicy, table: PairTable) -> np.ndarray:
-        """Key minus non-key logit of every valid pair at KAR = LKD = 0 and relative cues 0."""
-        base = np.zeros(table.valid.shape, dtype=np.float64)
+        """Key minus non-key logit of every valid pair at KAR = LKD = 0 and relative cues 0
+        (T, G+1), or (T, G+1, members) for an ensemble."""
+        base = np.zeros((*table.valid.shape, self.members), dtype=np.float64)
         index = np.nonzero(table.valid[:, 1:])
         conv6 = table.conv6[:, 1:][index]
         static = [n for n in range(len(self.cues)) if n not in self._relative]
@@ -468,10 +476,10 @@ class PolicyReplay:
             stop = start + 512
             trunk = policy.trunk(torch.from_numpy(conv6[start:stop].astype(np.float32)))
             expert = np.concatenate((np.zeros((len(trunk), 2), np.float32), cues[start:stop]), axis=1)
-            logits = policy.head(trunk, torch.from_numpy(expert)).double()
+            logits = policy.member_logits(trunk, torch.from_numpy(expert)).double()
             rows = (index[0][start:stop], index[1][start:stop] + 1)
-            base[rows] = (logits[:, 1] - logits[:, 0]).numpy()
-        return base
+            base[rows] = (logits[..., 1] - logits[..., 0]).T.numpy()
+        return base[..., 0] if self.members == 1 else base
 
     @property
     def takes_relative(self) -> bool:
@@ -480,10 +488,11 @@ class PolicyReplay:
     def probability(self, clip_id: str, i: int, gap: int, expert: np.ndarray) -> float:
         """pi(a1) from the (1, 2 + len(cues)) expert row [KAR, LKD/window, *cues] (only the
         relative cues are read from the cue part: the others are in ``base``)."""
-        logit = self.base[clip_id][i, gap] + float(expert[0, :2] @ self._w_expert)
+        logit = self.base[clip_id][i, gap] + self._w_expert @ expert[0, :2].astype(np.float64)
         if self._relative:
-            logit += float(expert[0, [2 + n for n in self._relative]] @ self._w_relative)
-        return float(np.exp(-np.logaddexp(0.0, -logit)))  # sigmoid, without overflow
+            logit = logit + self._w_relative @ expert[0, [2 + n for n in self._relative]].astype(np.float64)
+        chance = np.exp(-np.logaddexp(0.0, -logit))  # sigmoid, without overflow
+        return float(chance) if self.members == 1 else float(chance.mean())
 
 
 @dataclass

@@ -587,6 +587,31 @@ def _policy(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], i
     return run
 
 
+def _ensemble(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    p = sub.add_parser(
+        "policy-ensemble",
+        help="one seed-ensemble policy (mean of the members' pi) from trained policies on one frozen trunk",
+    )
+    p.add_argument(
+        "--member",
+        type=Path,
+        action="append",
+        required=True,
+        help="a trained policy run folder or file (repeat; same eta, trunk and data)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="run folder for the ensemble's policy.safetensors")
+    p.add_argument("--threads", type=int)
+
+    def run(args: argparse.Namespace) -> int:
+        from facestream.training.train_policy import ensemble_policies
+
+        path = ensemble_policies(args.member, args.out)
+        print(f"wrote {path} ({len(args.member)} members)")
+        return 0
+
+    return run
+
+
 def _ship(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
     p = sub.add_parser("ship", help="pack trained runs into a weights folder (float16) with model cards")
     p.add_argument(
@@ -622,7 +647,7 @@ def _ship(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int
     return run
 
 
-BUILDERS = (_segmentation, _flow, _correction, _calibrate, _dvsnet, _policy, _ship)
+BUILDERS = (_segmentation, _flow, _correction, _calibrate, _dvsnet, _policy, _ensemble, _ship)
 
 
 class TrainCommand:

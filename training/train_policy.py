@@ -26,6 +26,7 @@ Policy training follows the paper:
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from facestream.engines.cues import cue_vector
-from facestream.engines.weights import load_network, save_network
+from facestream.engines.weights import file_sha256, load_network, read_metadata, save_network
 from facestream.models import DVSNetHead, KeyPolicy
 from facestream.models.config import DVSNetConfig, PolicyConfig, check_cues
 from facestream.training.evaluation import PairTable
@@ -517,6 +518,75 @@ def train_policy(
     path = save_network(policy, out / "policy.safetensors", info)
     plot_policy_training([out])
     return path
+
+
+SHARED = ("conv0.", "fc0.", "quality_", "conv6_", "cue_")  # state-dict keys every member holds alike
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """What ``facestream train policy-ensemble`` records in its run folder."""
+
+    members: tuple[str, ...]
+
+
+def ensemble_policies(paths: Sequence[Path], out: Path) -> Path:
+    """One seed-ensemble policy (``PolicyConfig.members`` = len(paths)) from trained policies
+    that share a frozen trunk (``--init-trunk X --freeze-trunk``, the same data): pi(a1 | s) is
+    the mean of theirs. Writes ``out/policy.safetensors`` with a card naming the members."""
+    if len(paths) < 2:
+        raise ValueError("an ensemble needs at least two member policies")
+    files = [p / "policy.safetensors" if p.is_dir() else p for p in paths]
+    open_run(out, EnsembleConfig(tuple(str(p) for p in files)), fresh=True)
+    policies = []
+    for path in files:
+        policy = load_network(path)
+        if not isinstance(policy, KeyPolicy) or policy.config.members != 1:
+            raise ValueError(f"{path} is not a single key policy")
+        policies.append(policy)
+    first = policies[0]
+    cards = [json.loads(read_metadata(p).get("card", "{}")) for p in files]
+    for path, policy, card in zip(files[1:], policies[1:], cards[1:], strict=True):
+        if policy.config != first.config:
+            raise ValueError(f"{path}: its config differs from {files[0]}'s")
+        if card.get("eta") != cards[0].get("eta"):
+            raise ValueError(f"{path}: eta {card.get('eta')} differs from {files[0]}'s {cards[0].get('eta')}")
+        state, reference = policy.state_dict(), first.state_dict()
+        differs = [k for k in reference if k.startswith(SHARED) and not torch.equal(state[k], reference[k])]
+        if differs:
+            raise ValueError(
+                f"{path}: {', '.join(differs)} differ from {files[0]}'s (members must share one frozen trunk "
+                "and be trained on the same data)"
+            )
+    ensemble = KeyPolicy(dataclasses.replace(first.config, members=len(policies)))
+    state = {k: v for k, v in first.state_dict().items()}
+    for n, policy in enumerate(policies[1:]):
+        state.update(
+            {
+                f"others.{n}.{layer}.{k}": v
+                for layer in ("fc1", "fc2", "fc3")
+                for k, v in getattr(policy, layer).state_dict().items()
+            }
+        )
+    ensemble.load_state_dict(state, strict=True)
+    seeds = [card.get("train", {}).get("seed") for card in cards]
+    info = {
+        **{k: v for k, v in cards[0].items() if k in ("data", "eta", "trained")},
+        "network": f"RL key policy (paper section 3.2), seed ensemble of {len(policies)} (mean of their pi)",
+        "members": [
+            {
+                "file": str(path),
+                "sha256": file_sha256(path),
+                "seed": seed,
+                "train_minutes": card.get("train_minutes"),
+            }
+            for path, seed, card in zip(files, seeds, cards, strict=True)
+        ],
+        "train": {**cards[0].get("train", {}), "seed": seeds},
+        "train_minutes": round(sum(float(c.get("train_minutes") or 0) for c in cards), 1),
+        "parameters": parameter_count(ensemble),
+    }
+    return save_network(ensemble.eval(), out / "policy.safetensors", info)
 
 
 def plot_policy_training(runs: Sequence[Path], path: Path | None = None) -> Path:
