@@ -67,28 +67,33 @@ def check_precision(precision: str) -> str:
 
 def calibration_problem(weights: WeightSet) -> str | None:
     """Why the int8 corrector cannot run with ``weights`` (None: it can)."""
+    return _checked_calibration(weights)[1]
+
+
+def _checked_calibration(weights: WeightSet) -> tuple[dict[str, Any] | None, str | None]:
+    """(the calibration file's content, None) where the int8 corrector can run, else (None, why)."""
     if not weights.has("correction"):
-        return f"no correction.safetensors in {weights.directory}"
+        return None, f"no correction.safetensors in {weights.directory}"
     path = weights.directory / CALIBRATION_FILE
     if not path.is_file():
-        return f"no {CALIBRATION_FILE} in {weights.directory} (make one: facestream train calibrate)"
+        return None, f"no {CALIBRATION_FILE} in {weights.directory} (make one: facestream train calibrate)"
     try:
         calibration = read_calibration(path)
     except ValueError as exc:
-        return str(exc)
+        return None, str(exc)
     if calibration["weights_sha256"] != file_sha256(weights.paths["correction"]):
-        return (
+        return None, (
             f"{path} was measured for another correction.safetensors (sha256 differs): "
             "run facestream train calibrate again"
         )
     if "calibration_cache_path" not in inspect.signature(_quantize_static()).parameters:
         import onnxruntime
 
-        return (
+        return None, (
             f"onnxruntime {onnxruntime.__version__} cannot quantise from stored ranges "
             "(quantize_static has no calibration_cache_path; 1.32 has)"
         )
-    return None
+    return calibration, None
 
 
 def read_calibration(path: str | Path) -> dict[str, Any]:
@@ -206,16 +211,14 @@ def quantize(graph: str | Path, ranges: Mapping[str, tuple[float, float]], out: 
 
 def int8_correction_graph(weights: WeightSet, graph: str | Path) -> Path:
     """The int8 corrector of ``weights`` next to its float32 export ``graph`` (made once)."""
-    problem = calibration_problem(weights)
-    if problem:
-        raise Int8Unavailable(problem)
-    path = weights.directory / CALIBRATION_FILE
-    digest = hashlib.sha256(
-        GRAPH_VERSION.encode() + path.read_bytes() + Path(graph).read_bytes()
-    ).hexdigest()[:12]
+    calibration, problem = _checked_calibration(weights)
+    if calibration is None:
+        raise Int8Unavailable(problem or "no int8 calibration")
+    stored = json.dumps(calibration, sort_keys=True).encode()  # the file's content, read once
+    digest = hashlib.sha256(GRAPH_VERSION.encode() + stored + Path(graph).read_bytes()).hexdigest()[:12]
     out = Path(graph).with_name(f"correction_int8-{digest}.onnx")
     if not out.is_file():
-        quantize(graph, {k: (v[0], v[1]) for k, v in read_calibration(path)["ranges"].items()}, out)
+        quantize(graph, {k: (v[0], v[1]) for k, v in calibration["ranges"].items()}, out)
     return out
 
 
