@@ -521,6 +521,7 @@ def test_seed_ensemble_of_policies_on_one_frozen_trunk(tmp_path: Path, capsys: p
         ensemble_policies([runs["s0"]], tmp_path / "bad")
     with pytest.raises(ValueError, match="single"):
         ensemble_policies([tmp_path / "ens", runs["s0"]], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad-eta").exists()  # nothing written
 
 
 def test_rollouts_feed_relative_cues_against_each_trajectorys_earlier_residuals() -> None:

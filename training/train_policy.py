@@ -537,7 +537,6 @@ def ensemble_policies(paths: Sequence[Path], out: Path) -> Path:
     if len(paths) < 2:
         raise ValueError("an ensemble needs at least two member policies")
     files = [p / "policy.safetensors" if p.is_dir() else p for p in paths]
-    open_run(out, EnsembleConfig(tuple(str(p) for p in files)), fresh=True)
     policies = []
     for path in files:
         policy = load_network(path)
@@ -546,20 +545,22 @@ def ensemble_policies(paths: Sequence[Path], out: Path) -> Path:
         policies.append(policy)
     first = policies[0]
     cards = [json.loads(read_metadata(p).get("card", "{}")) for p in files]
+    reference = first.state_dict()
     for path, policy, card in zip(files[1:], policies[1:], cards[1:], strict=True):
         if policy.config != first.config:
             raise ValueError(f"{path}: its config differs from {files[0]}'s")
         if card.get("eta") != cards[0].get("eta"):
             raise ValueError(f"{path}: eta {card.get('eta')} differs from {files[0]}'s {cards[0].get('eta')}")
-        state, reference = policy.state_dict(), first.state_dict()
+        state = policy.state_dict()
         differs = [k for k in reference if k.startswith(SHARED) and not torch.equal(state[k], reference[k])]
         if differs:
             raise ValueError(
                 f"{path}: {', '.join(differs)} differ from {files[0]}'s (members must share one frozen trunk "
                 "and be trained on the same data)"
             )
+    open_run(out, EnsembleConfig(tuple(str(p) for p in files)), fresh=True)
     ensemble = KeyPolicy(dataclasses.replace(first.config, members=len(policies)))
-    state = {k: v for k, v in first.state_dict().items()}
+    state = dict(reference)
     for n, policy in enumerate(policies[1:]):
         state.update(
             {
