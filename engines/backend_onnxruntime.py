@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from facestream.engines.export import cached_export
-from facestream.engines.int8 import int8_correction_graph, resolve_precision
+from facestream.engines.int8 import int8_correction_graph, plan_precision
 from facestream.engines.networks import FlowResult, Networks
 from facestream.engines.weights import WeightSet, read_metadata
 from facestream.models.config import config_from_json
@@ -36,9 +36,12 @@ class OrtNetworks(Networks):
         graphs = dict(graphs if graphs is not None else cached_export(weights))
         self.providers = providers or ["CPUExecutionProvider"]
         cpu = self.providers == ["CPUExecutionProvider"]
-        if "correction" in graphs and resolve_precision(correct_precision, weights, cpu=cpu) == "int8":
+        chosen, calibration = (
+            plan_precision(correct_precision, weights, cpu=cpu) if "correction" in graphs else ("fp32", None)
+        )
+        if chosen == "int8":
             try:
-                graphs["correction"] = int8_correction_graph(weights, graphs["correction"])
+                graphs["correction"] = int8_correction_graph(weights, graphs["correction"], calibration)
                 self.correct_precision = "int8"
             except Exception as exc:  # auto: a calibration that cannot be applied runs float32
                 if correct_precision == "int8":

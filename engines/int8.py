@@ -209,11 +209,16 @@ def quantize(graph: str | Path, ranges: Mapping[str, tuple[float, float]], out: 
     return out
 
 
-def int8_correction_graph(weights: WeightSet, graph: str | Path) -> Path:
-    """The int8 corrector of ``weights`` next to its float32 export ``graph`` (made once)."""
-    calibration, problem = _checked_calibration(weights)
+def int8_correction_graph(
+    weights: WeightSet, graph: str | Path, calibration: dict[str, Any] | None = None
+) -> Path:
+    """The int8 corrector of ``weights`` next to its float32 export ``graph`` (made once).
+    ``calibration``: the one ``plan_precision`` returned for these weights (read and checked
+    there); None reads and checks the file here."""
     if calibration is None:
-        raise Int8Unavailable(problem or "no int8 calibration")
+        calibration, problem = _checked_calibration(weights)
+        if calibration is None:
+            raise Int8Unavailable(problem or "no int8 calibration")
     stored = json.dumps(calibration, sort_keys=True).encode()  # the file's content, read once
     digest = hashlib.sha256(GRAPH_VERSION.encode() + stored + Path(graph).read_bytes()).hexdigest()[:12]
     out = Path(graph).with_name(f"correction_int8-{digest}.onnx")
@@ -249,16 +254,27 @@ def build_precision(precision: str, correct: bool) -> str:
 
 def resolve_precision(precision: str, weights: WeightSet, *, cpu: bool = True) -> str:
     """``int8`` or ``fp32`` for the corrector; Int8Unavailable where int8 is asked for and cannot run."""
+    return plan_precision(precision, weights, cpu=cpu)[0]
+
+
+def plan_precision(
+    precision: str, weights: WeightSet, *, cpu: bool = True
+) -> tuple[str, dict[str, Any] | None]:
+    """(``int8``, the checked calibration) or (``fp32``, None): the calibration file is read once,
+    here, and handed on to ``int8_correction_graph``."""
     check_precision(precision)
     if precision == "fp32" or not weights.has("correction"):
-        return "fp32"
-    problem = calibration_problem(weights) if cpu else "int8 runs on the onnxruntime CPU backend only"
-    if problem is None:
-        return "int8"
+        return "fp32", None
+    if cpu:
+        calibration, problem = _checked_calibration(weights)
+    else:
+        calibration, problem = None, "int8 runs on the onnxruntime CPU backend only"
+    if calibration is not None:
+        return "int8", calibration
     if precision == "int8":
         raise Int8Unavailable(f"int8 corrector: {problem}")
     LOG.info("corrector in float32: %s", problem)
-    return "fp32"
+    return "fp32", None
 
 
 def constants_as_initializers(graph: str | Path, out: str | Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -110,7 +111,7 @@ class KeyPolicy(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _members(self) -> list[KeyPolicy | MemberHead]:
-        return [self, *self.others]  # type: ignore[list-item]
+        return [self, *(cast(MemberHead, m) for m in self.others)]
 
     def member_logits(self, trunk: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """Each member's FC3 on [its part of ``trunk``, expert (B, E)] -> logits (members, B, 2)."""
@@ -139,7 +140,7 @@ class KeyPolicy(nn.Module):
         return torch.softmax(self.forward(conv6, expert), dim=1)[:, 1]
 
     def _fc3(self, member: int) -> nn.Linear:
-        return self.fc3 if member == 0 else self.others[member - 1].fc3  # type: ignore[return-value]
+        return self._members()[member].fc3
 
     def expert_weights(self, member: int = 0) -> torch.Tensor:
         """FC3's weights on the KAR and LKD inputs towards the key logit minus the non-key logit

@@ -172,3 +172,18 @@ def test_calibrate_command_needs_a_corrector(tmp_path_factory, tmp_path, capsys)
     assert main(["train", "calibrate", "--weights", str(tmp_path), "--no-progress"]) == 2
     assert "no correction.safetensors in" in capsys.readouterr().err
     assert not (tmp_path / CALIBRATION_FILE).exists()
+
+
+def test_the_calibration_is_read_once_per_backend_build(weights, pairs, monkeypatch) -> None:
+    """Start-up reads and checks the calibration file once (plan_precision hands it on)."""
+    _calibrated(weights, pairs)
+    reads = []
+    real = read_calibration
+
+    def counting(path):
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr("facestream.engines.int8.read_calibration", counting)
+    assert create_networks(weights, "onnxruntime", correct_precision="auto").correct_precision == "int8"
+    assert len(reads) == 1
