@@ -62,12 +62,14 @@ train-all: teacher-mediapipe ## reproduce models/weights from scratch (about 4 h
 	# The DVSNet baseline learns from B played forwards and backwards (--reverse), as the policies
 	# do (better on B than forwards only); the policies' fixed trunk starts from a head trained on
 	# B forwards only (dvsnet-trunk), the shipped policies' recipe. The policies also learn from B
-	# mirrored left to right (--mirror; adopted on held-out people of B, docs/training-history.md)
+	# mirrored left to right (--mirror), and their FC3 also sees the trunk head's predicted mIoU of the
+	# warped frame (--quality); both adopted on held-out people of B by rules written before their runs
+	# (docs/training-history.md)
 	$(BIN)/facestream train dvsnet --weights models/weights --out $(RUNS)/dvsnet-trunk --threads 2 --no-correct
 	$(BIN)/facestream train dvsnet --weights models/weights --out $(RUNS)/dvsnet --threads 2 --no-correct --reverse
 	for eta in $(ETAS); do \
 		$(BIN)/facestream train policy --weights models/weights --eta $$eta --episodes 4800 \
-			--init-trunk $(RUNS)/dvsnet-trunk/dvsnet.safetensors --freeze-trunk --cues residual_face,residual_parts --reverse --mirror --no-correct \
+			--init-trunk $(RUNS)/dvsnet-trunk/dvsnet.safetensors --freeze-trunk --cues residual_face,residual_parts --reverse --mirror --quality --no-correct \
 			--out $(RUNS)/policy-eta$$eta --threads 2 || exit 1; \
 	done
 	$(BIN)/facestream train ship --runs $(RUNS) --out models/weights --etas "$$(echo $(ETAS) | tr ' ' ,)"
@@ -81,7 +83,7 @@ evaluate-shipped: ## the set-C evaluation of the shipped weights -> docs/evaluat
 		$(SHIPPED_POLICIES) --cache $(RUNS)/pairs-C-full --threads 2 --starts 8 --start-step 8
 
 CV = $(RUNS)/cv
-CV_POLICY = --episodes 4800 --freeze-trunk --cues residual_face,residual_parts --reverse --mirror --no-correct --threads 2
+CV_POLICY = --episodes 4800 --freeze-trunk --cues residual_face,residual_parts --reverse --mirror --quality --no-correct --threads 2
 
 crossval-B: ## leave-one-person-out CV of the schedulers on set B (two DVSNet heads + eta policies per fold; about 3 h with the mirrored tables) -> docs/evaluation-cv
 	$(BIN)/facestream crossval manifests --set B --runs $(CV)
