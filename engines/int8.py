@@ -65,11 +65,6 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def calibration_problem(weights: WeightSet) -> str | None:
-    """Why the int8 corrector cannot run with ``weights`` (None: it can)."""
-    return _checked_calibration(weights)[1]
-
-
 def _checked_calibration(weights: WeightSet) -> tuple[dict[str, Any] | None, str | None]:
     """(the calibration file's content, None) where the int8 corrector can run, else (None, why)."""
     if not weights.has("correction"):

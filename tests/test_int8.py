@@ -17,7 +17,6 @@ from facestream.engines.export import cached_export
 from facestream.engines.int8 import (
     CALIBRATION_FILE,
     Int8Unavailable,
-    calibration_problem,
     int8_correction_graph,
     measure_ranges,
     quantize,
@@ -65,7 +64,7 @@ def test_int8_corrector_follows_the_float32_one(weights, pairs) -> None:
     with pytest.raises(Int8Unavailable, match="facestream train calibrate"):
         resolve_precision("int8", weights)
     ranges = read_calibration(_calibrated(weights, pairs))["ranges"]
-    assert calibration_problem(weights) is None and resolve_precision("auto", weights) == "int8"
+    assert resolve_precision("int8", weights) == "int8" and resolve_precision("auto", weights) == "int8"
     # ranges of activations only: the Convs' inputs and outputs, never their (shared, Identity-fed)
     # biases, which would get a zero range and leave their Convs unfused
     exported = onnx.load(str(cached_export(weights)["correction"])).graph
@@ -98,7 +97,8 @@ def test_a_stale_or_broken_calibration_is_named_and_auto_falls_back(weights, pai
     path = _calibrated(weights, pairs)
     data = json.loads(path.read_text())
     path.write_text(json.dumps({**data, "weights_sha256": "0" * 64}))
-    assert "another correction.safetensors" in (calibration_problem(weights) or "")
+    with pytest.raises(Int8Unavailable, match="another correction.safetensors"):
+        resolve_precision("int8", weights)
     assert resolve_precision("auto", weights) == "fp32"
     with pytest.raises(Int8Unavailable, match="another correction.safetensors"):
         create_networks(weights, "onnxruntime", threads=THREADS, correct_precision="int8")
@@ -135,7 +135,7 @@ def test_shipped_calibration_fits_the_shipped_corrector(tmp_path_factory, monkey
     """The shipped weights run the int8 corrector with no option (``auto``)."""
     shipped = find_weights(DEFAULT_DIR)
     assert (DEFAULT_DIR / CALIBRATION_FILE).is_file() and (DEFAULT_DIR / "correction-int8.md").is_file()
-    assert calibration_problem(shipped) is None
+    assert resolve_precision("int8", shipped) == "int8"
     card = read_calibration(DEFAULT_DIR / CALIBRATION_FILE)["card"]
     # judged on set B's validation pairs against float32 (engines.int8 module doc, README)
     assert card["val_int8"]["miou"] >= card["val_fp32"]["miou"] - 0.002
