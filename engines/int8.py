@@ -247,15 +247,11 @@ def build_precision(precision: str, correct: bool) -> str:
     return precision if correct else "fp32"
 
 
-def resolve_precision(precision: str, weights: WeightSet, *, cpu: bool = True) -> str:
-    """``int8`` or ``fp32`` for the corrector; Int8Unavailable where int8 is asked for and cannot run."""
-    return plan_precision(precision, weights, cpu=cpu)[0]
-
-
 def plan_precision(
     precision: str, weights: WeightSet, *, cpu: bool = True
 ) -> tuple[str, dict[str, Any] | None]:
-    """(``int8``, the checked calibration) or (``fp32``, None): the calibration file is read once,
+    """The corrector's precision: (``int8``, the checked calibration) or (``fp32``, None);
+    Int8Unavailable where int8 is asked for and cannot run. The calibration file is read once,
     here, and handed on to ``int8_correction_graph``."""
     check_precision(precision)
     if precision == "fp32" or not weights.has("correction"):

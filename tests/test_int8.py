@@ -19,9 +19,9 @@ from facestream.engines.int8 import (
     Int8Unavailable,
     int8_correction_graph,
     measure_ranges,
+    plan_precision,
     quantize,
     read_calibration,
-    resolve_precision,
     write_calibration,
 )
 from facestream.engines.weights import DEFAULT_DIR, file_sha256, find_weights
@@ -60,19 +60,19 @@ def _op_types(path: Path) -> set[str]:
 
 
 def test_int8_corrector_follows_the_float32_one(weights, pairs) -> None:
-    assert resolve_precision("auto", weights) == "fp32"  # no calibration yet
+    assert plan_precision("auto", weights)[0] == "fp32"  # no calibration yet
     with pytest.raises(Int8Unavailable, match="facestream train calibrate"):
-        resolve_precision("int8", weights)
+        plan_precision("int8", weights)
     ranges = read_calibration(_calibrated(weights, pairs))["ranges"]
-    assert resolve_precision("int8", weights) == "int8" and resolve_precision("auto", weights) == "int8"
+    assert plan_precision("int8", weights)[0] == "int8" and plan_precision("auto", weights)[0] == "int8"
     # ranges of activations only: the Convs' inputs and outputs, never their (shared, Identity-fed)
     # biases, which would get a zero range and leave their Convs unfused
     exported = onnx.load(str(cached_export(weights)["correction"])).graph
     convs = [n for n in exported.node if n.op_type == "Conv"]
     assert set(ranges) == {n.input[0] for n in convs} | {n.output[0] for n in convs}
     assert all(hi > lo for lo, hi in ranges.values())
-    assert resolve_precision("fp32", weights) == "fp32"
-    assert resolve_precision("auto", weights, cpu=False) == "fp32"
+    assert plan_precision("fp32", weights)[0] == "fp32"
+    assert plan_precision("auto", weights, cpu=False)[0] == "fp32"
     fp32 = create_networks(weights, "onnxruntime", threads=THREADS)
     int8 = create_networks(weights, "onnxruntime", threads=THREADS, correct_precision="auto")
     assert (fp32.correct_precision, int8.correct_precision) == ("fp32", "int8")
@@ -98,14 +98,14 @@ def test_a_stale_or_broken_calibration_is_named_and_auto_falls_back(weights, pai
     data = json.loads(path.read_text())
     path.write_text(json.dumps({**data, "weights_sha256": "0" * 64}))
     with pytest.raises(Int8Unavailable, match="another correction.safetensors"):
-        resolve_precision("int8", weights)
-    assert resolve_precision("auto", weights) == "fp32"
+        plan_precision("int8", weights)
+    assert plan_precision("auto", weights)[0] == "fp32"
     with pytest.raises(Int8Unavailable, match="another correction.safetensors"):
         create_networks(weights, "onnxruntime", threads=THREADS, correct_precision="int8")
     path.write_text("{not json")
     with pytest.raises(ValueError, match="cannot read int8 calibration"):
         read_calibration(path)
-    assert resolve_precision("auto", weights) == "fp32"
+    assert plan_precision("auto", weights)[0] == "fp32"
     path.write_text(json.dumps({**data, "ranges": {"x": [2.0, 1.0]}}))
     with pytest.raises(ValueError, match="lowest > highest"):
         read_calibration(path)
@@ -126,7 +126,7 @@ def test_calibrate_writes_ranges_and_a_card_that_measures_both(weights, pairs, t
     assert 0 <= data["card"]["val_int8"]["miou"] <= 1 and data["card"]["ms_int8"] > 0
     card = (weights.directory / "correction-int8.md").read_text()
     assert "| mIoU |" in card and "ms per call" in card
-    assert resolve_precision("int8", weights) == "int8"
+    assert plan_precision("int8", weights)[0] == "int8"
     with pytest.raises(ValueError, match="no calibration pairs"):
         calibrate_correction(weights, pairs.__class__(*(a[:0] for a in vars(pairs).values())), None, tmp_path)
 
@@ -135,7 +135,7 @@ def test_shipped_calibration_fits_the_shipped_corrector(tmp_path_factory, monkey
     """The shipped weights run the int8 corrector with no option (``auto``)."""
     shipped = find_weights(DEFAULT_DIR)
     assert (DEFAULT_DIR / CALIBRATION_FILE).is_file() and (DEFAULT_DIR / "correction-int8.md").is_file()
-    assert resolve_precision("int8", shipped) == "int8"
+    assert plan_precision("int8", shipped)[0] == "int8"
     card = read_calibration(DEFAULT_DIR / CALIBRATION_FILE)["card"]
     # judged on set B's validation pairs against float32 (engines.int8 module doc, README)
     assert card["val_int8"]["miou"] >= card["val_fp32"]["miou"] - 0.002
